@@ -1,0 +1,158 @@
+"""Chaos mode: the trainer kills, preempts and corrupts itself on a seeded schedule.
+
+Imported by the trainer only when ``chaos.enabled=true``. The schedule is a pure function of
+``chaos.seed``, the event kind and the step (and, for kills inside a save, the save phase), so a
+failure can be replayed. Each event is appended to ``<run_dir>/chaos_events.jsonl`` and fsync'd
+*before* it is carried out, and fires at most once per run directory: a resumed run that replays
+a step does not die there again.
+
+Chaos never draws from the process-global RNGs, so it cannot change the bits of training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import SAVE_PHASES, CheckpointManager
+
+__all__ = ["Chaos", "ChaosSchedule", "EVENT_KINDS", "EVENTS_FILE", "read_events", "corrupt_checkpoint"]
+
+log = logging.getLogger(__name__)
+
+EVENTS_FILE = "chaos_events.jsonl"
+EVENT_KINDS = ("step_kill", "save_kill", "sigterm", "corrupt")
+
+
+def _rng(seed: int, kind: str, step: int) -> random.Random:
+    digest = hashlib.sha256(f"{seed}:{kind}:{step}".encode()).digest()
+    return random.Random(int.from_bytes(digest[:8], "little"))
+
+
+class ChaosSchedule:
+    """Which events the schedule holds at a step: a pure function of (seed, kind, step)."""
+
+    def __init__(self, cfg: Any) -> None:
+        self.seed = int(cfg.seed)
+        self.rates = {k: float(cfg[f"{k}_rate"]) for k in EVENT_KINDS}
+        self.steps = {k: {int(s) for s in cfg[f"{k}_steps"]} for k in EVENT_KINDS}
+
+    def fires(self, kind: str, step: int) -> bool:
+        return step in self.steps[kind] or _rng(self.seed, kind, step).random() < self.rates[kind]
+
+    def save_phase(self, step: int) -> str:
+        """The save stage at which a ``save_kill`` at ``step`` strikes."""
+        return _rng(self.seed, "save_phase", step).choice(SAVE_PHASES)
+
+    def corruption(self, step: int) -> str:
+        return _rng(self.seed, "corruption", step).choice(("flip_byte", "truncate"))
+
+    def events(self, max_step: int) -> list[dict[str, Any]]:
+        """The whole schedule up to ``max_step`` (for reports and reproducibility tests)."""
+        out = []
+        for step in range(1, max_step + 1):
+            for kind in EVENT_KINDS:
+                if self.fires(kind, step):
+                    ev = {"kind": kind, "step": step}
+                    if kind == "save_kill":
+                        ev["phase"] = self.save_phase(step)
+                    out.append(ev)
+        return out
+
+
+def read_events(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    path = Path(run_dir) / EVENTS_FILE
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut short by the kill it announced
+    return out
+
+
+def corrupt_checkpoint(ckpt: Path, how: str, seed: int = 0) -> str:
+    """Damage one data file of ``ckpt`` as a failing disk would: flip a byte or truncate it."""
+    files = sorted(p for p in ckpt.iterdir() if p.name.endswith(".safetensors"))
+    rng = random.Random(seed)
+    target = files[rng.randrange(len(files))]
+    data = bytearray(target.read_bytes())
+    if how == "truncate":
+        data = data[: len(data) // 2]
+    else:
+        i = rng.randrange(len(data))
+        data[i] ^= 0xFF
+    with open(target, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return target.name
+
+
+class Chaos:
+    """The trainer-side agent that carries out the schedule."""
+
+    def __init__(self, cfg: Any, run_dir: Path, ckpt: CheckpointManager) -> None:
+        self.schedule = ChaosSchedule(cfg)
+        self.run_dir = Path(run_dir)
+        self.ckpt = ckpt
+        self.fired = {(e.get("kind"), e.get("step")) for e in read_events(self.run_dir)}
+        log.info("chaos.enabled seed=%d rates=%s already_fired=%d", self.schedule.seed, self.schedule.rates,
+                 len(self.fired))
+
+    def _due(self, kind: str, step: int) -> bool:
+        return (kind, step) not in self.fired and self.schedule.fires(kind, step)
+
+    def _record(self, kind: str, step: int, **extra: Any) -> None:
+        event = {"kind": kind, "step": step, "time": time.time(), "pid": os.getpid(), **extra}
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.run_dir / EVENTS_FILE, "a") as f:
+            f.write(json.dumps(event) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.fired.add((kind, step))
+        log.warning("chaos.%s step=%d %s", kind, step, " ".join(f"{k}={v}" for k, v in extra.items()))
+
+    @staticmethod
+    def _die() -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(60)  # not reached
+
+    def on_step_end(self, step: int) -> None:
+        """After the optimizer step, before the step's checkpoint."""
+        if self._due("step_kill", step):
+            self._record("step_kill", step)
+            self._die()
+        if self._due("sigterm", step):
+            self._record("sigterm", step)
+            os.kill(os.getpid(), signal.SIGTERM)  # the graceful path: save, then exit 75
+
+    def save_hook(self, phase: str, step: int, where: Path) -> None:
+        """Called by the checkpoint manager at each save stage (maybe on the background thread)."""
+        if self._due("save_kill", step) and self.schedule.save_phase(step) == phase:
+            self._record("save_kill", step, phase=phase, path=str(where))
+            self._die()
+
+    def after_checkpoint(self, step: int) -> None:
+        """After the step's checkpoint (if any): damage the newest committed one, then crash."""
+        if not self._due("corrupt", step):
+            return
+        self.ckpt.wait()
+        committed = self.ckpt.committed()
+        if not committed:
+            return
+        how = self.schedule.corruption(step)
+        target = committed[-1]
+        self._record("corrupt", step, how=how, path=str(target))
+        name = corrupt_checkpoint(target, how, seed=self.schedule.seed + step)
+        log.warning("chaos.corrupted path=%s file=%s how=%s", target, name, how)
+        self._die()

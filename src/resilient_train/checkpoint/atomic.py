@@ -1,0 +1,92 @@
+"""Durable file-system primitives: fsync'd writes, atomic directory commit, crash leftovers.
+
+The commit protocol follows Orbax's: write everything into a temporary sibling directory, fsync
+every file and the directory, rename it to its final name, fsync the parent. A directory under
+a final name is therefore always complete; readers trust only final names and ignore the rest.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+__all__ = [
+    "fsync_dir",
+    "write_file_durable",
+    "atomic_write_bytes",
+    "commit_dir",
+    "move_aside",
+    "remove_dir_safely",
+    "TMP_PREFIX",
+    "TRASH_PREFIX",
+]
+
+log = logging.getLogger(__name__)
+
+TMP_PREFIX = ".tmp-"
+TRASH_PREFIX = ".trash-"
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_file_durable(path: str | os.PathLike, data: bytes | memoryview, *, exclusive: bool = True) -> None:
+    """Write ``data`` to a new file and fsync it before returning."""
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_EXCL if exclusive else os.O_TRUNC)
+    fd = os.open(path, flags, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Replace ``path`` atomically: temp file in the same directory, fsync, rename, fsync parent."""
+    path = Path(path)
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}-{os.getpid()}")
+    write_file_durable(tmp, data, exclusive=False)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def commit_dir(tmp: Path, final: Path) -> None:
+    """Rename a fully written, fsync'd temporary directory to its final name, durably."""
+    fsync_dir(tmp)
+    if final.exists():
+        # A committed directory is never overwritten in place; keep the old one under another name.
+        move_aside(final, "superseded")
+    os.rename(tmp, final)
+    fsync_dir(final.parent)
+
+
+def move_aside(path: Path, reason: str) -> Path:
+    """Rename ``path`` out of the committed namespace (never delete evidence)."""
+    target = path.with_name(f"{path.name}.{reason}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+    os.rename(path, target)
+    fsync_dir(path.parent)
+    log.warning("ckpt.move_aside path=%s to=%s reason=%s", path, target.name, reason)
+    return target
+
+
+def remove_dir_safely(path: Path) -> None:
+    """Delete a committed directory without ever exposing a half-deleted one under its name.
+
+    The directory is first renamed to a trash name (atomic), then removed; a crash in between
+    leaves only a trash directory, which the next start cleans up.
+    """
+    trash = path.with_name(f"{TRASH_PREFIX}{path.name}-{os.getpid()}")
+    os.rename(path, trash)
+    fsync_dir(path.parent)
+    shutil.rmtree(trash, ignore_errors=True)

@@ -1,0 +1,240 @@
+"""The checkpoint manager: when to save, atomic commit, retention, the best pointer, resume lookup.
+
+It knows nothing of MAGVIT: callers hand it a dict of state dicts (``{"model": ..., "optim":
+...}``) and name the flat tensor groups that get their own safetensors file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .atomic import TMP_PREFIX, TRASH_PREFIX, atomic_write_bytes, commit_dir, move_aside, remove_dir_safely
+from .atomic import write_file_durable
+from .format import MANIFEST, CheckpointError, encode_state, manifest_bytes, verify_files
+
+__all__ = ["CheckpointManager", "step_dir_name", "parse_step", "SAVE_PHASES", "BEST_POINTER"]
+
+log = logging.getLogger(__name__)
+
+STEP_RE = re.compile(r"^step_(\d{8})$")
+BEST_POINTER = "best.json"
+# Stages of a save, in order; hooks (chaos, tests) are called at each one.
+SAVE_PHASES = ("files_partial", "files_written", "before_rename", "after_rename")
+HOLD_ENV = "RESILIENT_TRAIN_HOLD_SAVE"  # test-only: "<phase>" or "<phase>@<step>"
+
+SaveHook = Callable[[str, int, Path], None]
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def parse_step(name: str) -> int | None:
+    m = STEP_RE.match(name)
+    return int(m.group(1)) if m else None
+
+
+def _hold_for_tests(phase: str, step: int, where: Path) -> None:
+    """Test-only: park the writer at ``phase`` so a test can SIGKILL it there."""
+    want = os.environ.get(HOLD_ENV)
+    if not want:
+        return
+    w_phase, _, w_step = want.partition("@")
+    if w_phase == phase and (not w_step or int(w_step) == step):
+        marker = where.parent / f".held-{phase}-{step}"
+        marker.write_text(str(where))
+        log.warning("ckpt.hold phase=%s step=%d path=%s (test hook %s)", phase, step, where, HOLD_ENV)
+        while True:
+            time.sleep(1)
+
+
+class CheckpointManager:
+    """Saves, lists, verifies and prunes the checkpoints under ``root``.
+
+    Only one process may write under ``root`` (the trainer holds the run lock), so temporaries
+    found at start-up are leftovers of a crash and safe to remove.
+    """
+
+    def __init__(self, root: str | os.PathLike, *, keep_last: int = 3, async_save: bool = False,
+                 hook: SaveHook | None = None) -> None:
+        self.root = Path(root)
+        self.keep_last = keep_last
+        self.async_save = async_save
+        self.hook = hook
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self.last_saved: Path | None = None
+        self.last_save_secs: float = 0.0
+
+    # -- discovery --------------------------------------------------------------------------
+
+    def committed(self) -> list[Path]:
+        """Committed checkpoint directories, oldest first. Temporaries and set-aside ones are ignored."""
+        if not self.root.is_dir():
+            return []
+        found = [(parse_step(p.name), p) for p in self.root.iterdir() if p.is_dir()]
+        return [p for s, p in sorted((s, p) for s, p in found if s is not None)]
+
+    def cleanup_temporaries(self) -> list[Path]:
+        """Remove the leftovers of interrupted saves and deletions (only the run's writer calls this)."""
+        removed = []
+        if not self.root.is_dir():
+            return removed
+        for p in sorted(self.root.iterdir()):
+            if p.name.startswith((TMP_PREFIX, TRASH_PREFIX)):
+                if p.is_dir():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
+                log.info("ckpt.cleanup path=%s reason=incomplete-leftover", p)
+                removed.append(p)
+        return removed
+
+    def latest_valid(self, *, move_aside_invalid: bool = True) -> Path | None:
+        """The newest checkpoint that passes verification; newer failing ones are set aside (renamed)."""
+        for path in reversed(self.committed()):
+            report = verify_files(path)
+            if report.ok:
+                return path
+            log.error("ckpt.invalid path=%s reason=%s", path, "; ".join(report.errors))
+            if move_aside_invalid:
+                move_aside(path, "corrupt")
+        return None
+
+    def best(self) -> dict[str, Any] | None:
+        p = self.root / BEST_POINTER
+        if not p.is_file():
+            return None
+        try:
+            return json.loads(p.read_text())
+        except json.JSONDecodeError:
+            log.warning("ckpt.best_pointer_unreadable path=%s", p)
+            return None
+
+    def set_best(self, step: int, metric: float, name: str = "val_loss") -> None:
+        """Point ``best.json`` at the committed checkpoint of ``step`` (atomic replace)."""
+        target = self.root / step_dir_name(step)
+        if not target.is_dir():
+            raise CheckpointError(f"{target}: cannot mark as best, no committed checkpoint there")
+        atomic_write_bytes(self.root / BEST_POINTER,
+                           json.dumps({"step": step, "path": target.name, name: metric}).encode())
+        log.info("ckpt.best step=%d path=%s %s=%.6g", step, target, name, metric)
+
+    # -- saving -----------------------------------------------------------------------------
+
+    def save(self, step: int, state: dict[str, Any], *, tensor_groups: tuple[str, ...] = (),
+             metadata: dict[str, Any] | None = None, on_commit: Callable[[Path], None] | None = None) -> None:
+        """Save ``state`` as checkpoint ``step``.
+
+        Synchronous by default. With ``async_save`` the tensors are first copied to CPU memory
+        (so training may change the originals at once), then encoded, hashed, written and
+        committed on a background thread; at most one save is in flight, and the next ``save``
+        or :meth:`wait` joins it and re-raises its error.
+        """
+        self.wait()
+        metadata = dict(metadata or {})
+        if not self.async_save:
+            self._write(step, state, tensor_groups, metadata, on_commit, time.perf_counter())
+            return
+        t0 = time.perf_counter()
+        snapshot = _copy_to_cpu(state)
+        log.info("ckpt.snapshot step=%d secs=%.3f", step, time.perf_counter() - t0)
+        self._thread = threading.Thread(
+            target=self._write_in_thread, args=(step, snapshot, tensor_groups, metadata, on_commit, t0),
+            name=f"ckpt-save-{step}", daemon=True,
+        )
+        self._thread.start()
+
+    def wait(self) -> None:
+        """Block until the in-flight save (if any) is committed; re-raise its failure."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise CheckpointError(f"background checkpoint save failed: {err}") from err
+
+    def _write_in_thread(self, *args: Any) -> None:
+        try:
+            self._write(*args)
+        except BaseException as exc:  # re-raised on the training thread by wait()
+            self._error = exc
+
+    def _phase(self, phase: str, step: int, where: Path) -> None:
+        _hold_for_tests(phase, step, where)
+        if self.hook is not None:
+            self.hook(phase, step, where)
+
+    def _write(self, step: int, state: dict[str, Any], tensor_groups: tuple[str, ...], metadata: dict[str, Any],
+               on_commit: Callable[[Path], None] | None, t0: float) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        final = self.root / step_dir_name(step)
+        tmp = self.root / f"{TMP_PREFIX}{final.name}-{os.getpid()}-{time.monotonic_ns()}"
+        tmp.mkdir()
+        files = encode_state(state, tensor_groups)
+        for i, (name, data) in enumerate(files.items()):
+            write_file_durable(tmp / name, data)
+            if i == 0:
+                self._phase("files_partial", step, tmp)
+        self._phase("files_written", step, tmp)
+        # The manifest goes last: its presence inside the directory means every file it lists is
+        # complete and fsync'd, and it carries each file's hash for later verification.
+        write_file_durable(tmp / MANIFEST, manifest_bytes(step, files, metadata))
+        self._phase("before_rename", step, tmp)
+        commit_dir(tmp, final)
+        self._phase("after_rename", step, final)
+        secs = time.perf_counter() - t0
+        nbytes = sum(len(b) for b in files.values())
+        self.last_saved, self.last_save_secs = final, secs
+        log.info("ckpt.save step=%d path=%s secs=%.3f bytes=%d", step, final, secs, nbytes)
+        if on_commit is not None:
+            on_commit(final)
+        self.purge()
+
+    # -- retention --------------------------------------------------------------------------
+
+    def purge(self) -> list[Path]:
+        """Delete all but the ``keep_last`` newest committed checkpoints and the best one.
+
+        Runs only after a new checkpoint is committed, so the newest valid checkpoint always
+        survives: unlike torchtitan, which refuses ``keep_latest_k=1`` because the newest may still
+        be being written, we never count a checkpoint until its rename has happened, which makes
+        ``keep_last=1`` safe too. ``keep_last=0`` keeps everything.
+        """
+        if self.keep_last <= 0:
+            return []
+        committed = self.committed()
+        keep = set(committed[-self.keep_last:])
+        best = self.best()
+        if best and best.get("path"):
+            keep.add(self.root / best["path"])
+        removed = []
+        for path in committed:
+            if path not in keep:
+                remove_dir_safely(path)
+                log.info("ckpt.purge path=%s keep_last=%d", path, self.keep_last)
+                removed.append(path)
+        return removed
+
+
+def _copy_to_cpu(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _copy_to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_copy_to_cpu(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_copy_to_cpu(v) for v in obj)
+    return obj

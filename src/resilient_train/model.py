@@ -1,0 +1,114 @@
+"""Build the MAGVIT-v2 FSQ video tokenizer from config.
+
+The only module that knows ``magvit2_pytorch``. It converts Hydra's ListConfig values to the
+exact Python types the library's beartype checks want, pins the attention path
+(``flash_attn=False``) so every machine computes the same bits, and refuses to download
+anything: the perceptual loss needs a local VGG16 weights file.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+__all__ = ["build_model", "model_kwargs", "time_downsample_factor", "generator_state_keys"]
+
+log = logging.getLogger(__name__)
+
+
+def _plain(cfg: Any) -> Any:
+    if isinstance(cfg, DictConfig) or OmegaConf.is_list(cfg):
+        return OmegaConf.to_container(cfg, resolve=True)
+    return cfg
+
+
+def _layers(raw: Any) -> tuple:
+    """``["residual", ["compress_space", 64]]`` -> ``("residual", ("compress_space", 64))``."""
+    out = []
+    for item in _plain(raw):
+        if isinstance(item, (list, tuple)):
+            name, *args = item
+            out.append((str(name), *[int(a) for a in args]))
+        else:
+            out.append(str(item))
+    return tuple(out)
+
+
+def time_downsample_factor(model_cfg: Any) -> int:
+    """2 ** (number of ``compress_time`` layers)."""
+    n = 0
+    for item in _layers(model_cfg.layers):
+        name = item[0] if isinstance(item, tuple) else item
+        n += name == "compress_time"
+    return 2**n
+
+
+def model_kwargs(model_cfg: Any) -> dict[str, Any]:
+    """Keyword arguments for ``magvit2_pytorch.VideoTokenizer``, with the types beartype checks."""
+    m = model_cfg
+    discr = _plain(m.discr)
+    return dict(
+        image_size=int(m.image_size),
+        channels=int(m.channels),
+        init_dim=int(m.init_dim),
+        max_dim=float(m.max_dim) if m.max_dim is not None else float("inf"),
+        layers=_layers(m.layers),
+        use_fsq=True,
+        fsq_levels=[int(v) for v in _plain(m.fsq_levels)],
+        num_codebooks=int(m.num_codebooks),
+        attn_dim_head=int(m.attn_dim_head),
+        attn_heads=int(m.attn_heads),
+        flash_attn=False,
+        use_gan=bool(m.use_gan),
+        adversarial_loss_weight=float(m.adversarial_loss_weight) if m.use_gan else 0.0,
+        grad_penalty_loss_weight=float(m.grad_penalty_loss_weight),
+        perceptual_loss_weight=float(m.perceptual_loss_weight),
+        discr_kwargs=dict(
+            dim=int(discr["dim"]),
+            image_size=int(m.image_size),
+            channels=int(m.channels),
+            max_dim=int(discr["max_dim"]),
+            attn_heads=int(discr.get("attn_heads", 2)),
+            attn_dim_head=int(discr.get("attn_dim_head", 16)),
+            linear_attn_heads=int(discr.get("linear_attn_heads", 2)),
+            linear_attn_dim_head=int(discr.get("linear_attn_dim_head", 8)),
+        ),
+    )
+
+
+def _local_vgg(weights_path: str | None) -> torch.nn.Module:
+    if not weights_path:
+        raise ValueError(
+            "model.perceptual_loss_weight > 0 needs model.vgg_weights_path: a local VGG16 state_dict file "
+            "(nothing is downloaded at run time). Set model.perceptual_loss_weight=0 to train without it."
+        )
+    path = Path(weights_path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"model.vgg_weights_path: no such file: {path}")
+    import torchvision
+
+    vgg = torchvision.models.vgg16(weights=None)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    vgg.load_state_dict(state)
+    vgg.classifier = torch.nn.Sequential(*vgg.classifier[:-2])
+    vgg.requires_grad_(False)
+    return vgg
+
+
+def build_model(model_cfg: Any) -> torch.nn.Module:
+    """A ``VideoTokenizer`` built from ``cfg.model``; the discriminator is always built."""
+    from magvit2_pytorch import VideoTokenizer
+
+    kwargs = model_kwargs(model_cfg)
+    if kwargs["perceptual_loss_weight"] > 0:
+        kwargs["vgg"] = _local_vgg(model_cfg.vgg_weights_path)
+    return VideoTokenizer(**kwargs)
+
+
+def generator_state_keys(model: torch.nn.Module) -> list[str]:
+    """State-dict keys of the generator (everything but the discriminators), in a stable order."""
+    return [k for k in model.state_dict() if not k.startswith(("discr.", "multiscale_discrs."))]

@@ -1,0 +1,289 @@
+"""The chaos proof: an uninterrupted reference run against a run killed many times, bit for bit.
+
+``python scripts/chaos_test.py`` (``make chaos-test``):
+
+1. runs the experiment uninterrupted to N steps (the reference arm);
+2. runs the same config with chaos on, restarting ``train.py ... resume_from=auto`` after every
+   death, until it reaches N or the restart budget runs out;
+3. optionally SIGKILLs the chaos arm from outside at random moments (``--external-kill``);
+4. compares the final checkpoints (every tensor and counter) and the per-step losses of both arms;
+5. writes ``report.json``, ``report.md`` and ``loss.png`` and prints the report's path last.
+
+Exit 0 only when every trial's arms are identical.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .chaos import read_events
+from .checkpoint import BEST_POINTER, CheckpointManager
+from .monitor import read_history
+from .verify import compare_checkpoints
+
+__all__ = ["main", "run_trial", "default_schedule", "compare_histories"]
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _train_cmd() -> list[str]:
+    script = REPO_ROOT / "train.py"
+    if script.exists():
+        return [sys.executable, str(script)]
+    return [sys.executable, "-m", "resilient_train.cli"]
+
+
+def default_schedule(seed: int, steps: int, every: int) -> dict[str, list[int]]:
+    """Explicit event steps for one trial: two kills inside saves, a step kill, a SIGTERM, a corruption.
+
+    Save kills land on checkpoint steps (a save must be under way for them to strike).
+    """
+    rng = random.Random(seed)
+    save_steps = [s for s in range(every, steps, every)]
+    plain = [s for s in range(2, steps) if s % every]
+    chosen_saves = sorted(rng.sample(save_steps, min(2, len(save_steps))))
+    picks = rng.sample([s for s in plain if s > every], 3) if len(plain) > 3 else plain[:3]
+    return {
+        "save_kill_steps": chosen_saves,
+        "step_kill_steps": [picks[0]],
+        "sigterm_steps": [picks[1]],
+        "corrupt_steps": [picks[2]],
+    }
+
+
+def _run(cmd: list[str], log_path: Path, *, kill_after: float | None = None) -> tuple[int, bool]:
+    """Run ``cmd``; with ``kill_after``, SIGKILL it from outside after that many seconds."""
+    with open(log_path, "ab") as log:
+        log.write(f"\n$ {' '.join(cmd)}\n".encode())
+        log.flush()
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
+        try:
+            proc.wait(timeout=kill_after)
+            return proc.returncode, False
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return proc.returncode, True
+
+
+def compare_histories(ref: list[dict[str, Any]], other: list[dict[str, Any]], steps: int) -> str | None:
+    """The first step whose train loss differs, or at which a step is missing or repeated."""
+    def by_step(records: list[dict[str, Any]], kind: str) -> dict[int, list[dict[str, Any]]]:
+        out: dict[int, list[dict[str, Any]]] = {}
+        for r in records:
+            if r.get("kind") == kind:
+                out.setdefault(int(r["step"]), []).append(r)
+        return out
+
+    for kind, keys in (("train", ("loss", "recon_loss", "discr_loss", "lr")), ("eval", ("val_loss",))):
+        a, b = by_step(ref, kind), by_step(other, kind)
+        for step in sorted(set(a) | set(b)):
+            ra, rb = a.get(step, []), b.get(step, [])
+            if len(rb) != len(ra):
+                return f"step {step}: {kind} record appears {len(ra)}x in the reference, {len(rb)}x after chaos"
+            for x, y in zip(ra, rb):
+                for k in keys:
+                    if x.get(k) != y.get(k):
+                        return f"step {step}: {kind} {k} {x.get(k)!r} (reference) vs {y.get(k)!r} (chaos)"
+    train_steps = sorted(int(r["step"]) for r in other if r.get("kind") == "train")
+    if train_steps != list(range(1, steps + 1)):
+        return f"chaos arm logged train steps {train_steps[:5]}... not exactly 1..{steps}"
+    return None
+
+
+def run_trial(args: argparse.Namespace, trial: int, out: Path) -> dict[str, Any]:
+    seed = args.seed + trial
+    tdir = out / f"trial_{trial}"
+    tdir.mkdir(parents=True, exist_ok=True)
+    common = [f"+experiment={args.experiment}", f"trainer.max_steps={args.steps}", "trainer.progress_bar=false",
+              *args.set]
+    ref_dir, chaos_dir = tdir / "reference", tdir / "chaos"
+    t0 = time.time()
+    rc, _ = _run([*_train_cmd(), *common, f"hydra.run.dir={ref_dir}"], tdir / "reference.log")
+    ref_secs = time.time() - t0
+    if rc != 0:
+        return {"trial": trial, "identical": False, "error": f"reference run failed with exit {rc}; see "
+                f"{tdir / 'reference.log'}", "restarts": 0, "events": [], "steps": args.steps}
+
+    chaos_args = ["chaos.enabled=true", f"chaos.seed={seed}"]
+    if args.rates:
+        chaos_args += ["chaos=default"]
+    else:
+        every = _checkpoint_every(ref_dir)
+        for key, steps in default_schedule(seed, args.steps, every).items():
+            chaos_args.append(f"chaos.{key}=[{','.join(map(str, steps))}]")
+    if args.skip_restore:
+        chaos_args.append(f"chaos.skip_restore={args.skip_restore}")
+    cmd = [*_train_cmd(), *common, f"hydra.run.dir={chaos_dir}", "resume_from=auto", *chaos_args]
+    ext_rng = random.Random(seed * 7919 + 1)
+    restarts, external, exits = 0, [], []
+    t0 = time.time()
+    while True:
+        kill_after = ext_rng.uniform(args.external_min, args.external_max) if args.external_kill else None
+        rc, killed = _run(cmd, tdir / "chaos.log", kill_after=kill_after)
+        exits.append(rc)
+        if killed:
+            step = _last_step(chaos_dir)
+            external.append({"kind": "external_kill", "step": step, "time": time.time()})
+        if rc == 0:
+            break
+        if rc not in (75, -signal.SIGKILL, 128 + signal.SIGKILL, 130):
+            return {"trial": trial, "identical": False, "restarts": restarts, "steps": args.steps, "events": [],
+                    "error": f"chaos arm exited with {rc} (not a kill or preemption); see {tdir / 'chaos.log'}"}
+        restarts += 1
+        if restarts > args.max_restarts:
+            return {"trial": trial, "identical": False, "restarts": restarts, "steps": args.steps, "events": [],
+                    "error": f"restart budget ({args.max_restarts}) ran out before step {args.steps}"}
+    chaos_secs = time.time() - t0
+
+    events = [{k: v for k, v in e.items() if k in ("kind", "step", "phase", "how")}
+              for e in read_events(chaos_dir)] + [{"kind": e["kind"], "step": e["step"]} for e in external]
+    ref_ckpt = CheckpointManager(ref_dir / "checkpoints").committed()[-1]
+    chaos_ckpt = CheckpointManager(chaos_dir / "checkpoints").committed()[-1]
+    ckpt_diff = compare_checkpoints(ref_ckpt, chaos_ckpt)
+    hist_diff = compare_histories(read_history(ref_dir), read_history(chaos_dir), args.steps)
+    best = [_best(d) for d in (ref_dir, chaos_dir)]
+    best_diff = None if best[0] == best[1] else f"best pointer {best[0]} (reference) vs {best[1]} (chaos)"
+    result = {
+        "trial": trial,
+        "seed": seed,
+        "identical": ckpt_diff is None and hist_diff is None and best_diff is None,
+        "steps": args.steps,
+        "restarts": restarts,
+        "exit_codes": exits,
+        "events": sorted(events, key=lambda e: (e["step"] if e["step"] is not None else -1)),
+        "checkpoint_difference": ckpt_diff,
+        "history_difference": hist_diff,
+        "best_difference": best_diff,
+        "first_diverging_step": _first_step(hist_diff),
+        "reference": {"run_dir": str(ref_dir), "final": str(ref_ckpt), "secs": round(ref_secs, 1)},
+        "chaos": {"run_dir": str(chaos_dir), "final": str(chaos_ckpt), "secs": round(chaos_secs, 1)},
+    }
+    _plot(tdir / "loss.png", ref_dir, chaos_dir, result["events"], trial)
+    return result
+
+
+def _checkpoint_every(run_dir: Path) -> int:
+    import yaml
+
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    return int(cfg["checkpoint"]["every_n_steps"])
+
+
+def _best(run_dir: Path) -> Any:
+    p = run_dir / "checkpoints" / BEST_POINTER
+    return json.loads(p.read_text()).get("step") if p.exists() else None
+
+
+def _first_step(diff: str | None) -> int | None:
+    if diff and diff.startswith("step "):
+        return int(diff.split(":")[0].split()[1])
+    return None
+
+
+def _last_step(run_dir: Path) -> int | None:
+    hist = [r for r in read_history(run_dir) if r.get("kind") == "train"]
+    return int(hist[-1]["step"]) if hist else None
+
+
+def _plot(path: Path, ref_dir: Path, chaos_dir: Path, events: list[dict[str, Any]], trial: int) -> None:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(9, 4.5), dpi=100)
+    ax = fig.add_subplot(1, 1, 1)
+    for run_dir, label, style in ((ref_dir, "reference (uninterrupted)", "-"), (chaos_dir, "chaos (killed)", "--")):
+        recs = [r for r in read_history(run_dir) if r.get("kind") == "train"]
+        ax.plot([r["step"] for r in recs], [r["loss"] for r in recs], style, label=label, linewidth=1.2)
+    colors = {"step_kill": "red", "save_kill": "purple", "sigterm": "orange", "corrupt": "brown",
+              "external_kill": "black"}
+    seen = set()
+    for e in events:
+        if e.get("step") is None:
+            continue
+        kind = e["kind"]
+        ax.axvline(e["step"], color=colors.get(kind, "gray"), linestyle=":", linewidth=1,
+                   label=kind if kind not in seen else None)
+        seen.add(kind)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("train loss")
+    ax.set_yscale("log")
+    ax.set_title(f"chaos trial {trial}: both arms, kills marked")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def _markdown(report: dict[str, Any]) -> str:
+    lines = [f"# Chaos test: {'IDENTICAL' if report['identical'] else 'DIFFERENT'}", "",
+             f"- experiment: `{report['experiment']}`, steps: {report['steps']}, trials: {len(report['trials'])}",
+             f"- restarts: {report['restarts']}, events: {len(report['events'])}", ""]
+    for t in report["trials"]:
+        lines += [f"## Trial {t['trial']}: {'identical' if t['identical'] else 'DIFFERENT'}", ""]
+        if t.get("error"):
+            lines += [f"error: {t['error']}", ""]
+            continue
+        lines += ["| step | event | detail |", "| ---: | --- | --- |"]
+        for e in t["events"]:
+            detail = e.get("phase") or e.get("how") or ""
+            lines.append(f"| {e['step']} | {e['kind']} | {detail} |")
+        lines += ["", f"- restarts: {t['restarts']}, exit codes: {t['exit_codes']}",
+                  f"- final checkpoints: {t['checkpoint_difference'] or 'identical, bit for bit'}",
+                  f"- per-step losses: {t['history_difference'] or 'identical at every step'}",
+                  f"- best pointer: {t['best_difference'] or 'same step'}",
+                  f"- time: reference {t['reference']['secs']} s, chaos arm {t['chaos']['secs']} s",
+                  f"- plot: `trial_{t['trial']}/loss.png`", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="scripts/chaos_test.py", description="Kill, resume, compare bit for bit.")
+    p.add_argument("--experiment", default="tiny")
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--trials", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=None, help="default: outputs/chaos/<timestamp>")
+    p.add_argument("--max-restarts", type=int, default=30)
+    p.add_argument("--rates", action="store_true", help="use chaos=default rates instead of an explicit schedule")
+    p.add_argument("--external-kill", action="store_true", help="also SIGKILL the trainer from outside at random")
+    p.add_argument("--external-min", type=float, default=4.0, help="seconds (external kills)")
+    p.add_argument("--external-max", type=float, default=12.0, help="seconds (external kills)")
+    p.add_argument("--skip-restore", choices=["rng", "data"], default="",
+                   help="negative control: do not restore this state on resume; the proof must then fail")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra override for both arms")
+    args = p.parse_args(argv)
+    out = args.out or REPO_ROOT / "outputs" / "chaos" / time.strftime("%Y-%m-%d_%H-%M-%S")
+    out = out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    trials = []
+    for trial in range(args.trials):
+        r = run_trial(args, trial, out)
+        trials.append(r)
+        print(f"trial {trial}: {'identical' if r['identical'] else 'DIFFERENT'} restarts={r['restarts']} "
+              f"events={len(r['events'])} {r.get('error') or r.get('checkpoint_difference') or ''}"
+              f"{r.get('history_difference') or ''}", flush=True)
+    events = [dict(e, trial=t["trial"]) for t in trials for e in t["events"]]
+    report = {
+        "identical": all(t["identical"] for t in trials),
+        "experiment": args.experiment,
+        "steps": args.steps,
+        "restarts": sum(t["restarts"] for t in trials),
+        "events": events,
+        "first_diverging_step": next((t.get("first_diverging_step") for t in trials if not t["identical"]), None),
+        "trials": trials,
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    (out / "report.md").write_text(_markdown(report))
+    if (out / "trial_0" / "loss.png").exists():
+        shutil.copyfile(out / "trial_0" / "loss.png", out / "loss.png")
+    print(out / "report.json")
+    return 0 if report["identical"] else 1
+

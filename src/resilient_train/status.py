@@ -1,0 +1,227 @@
+"""``python -m resilient_train.status RUN_DIR [--json] [--stale-after SECS]``: is this run alive, and how far is it?
+
+Reads ``RUN/heartbeat.json`` and ``RUN/history.jsonl`` (see :mod:`resilient_train.monitor`). States:
+
+- ``finished`` / ``stopped`` / ``failed``: the heartbeat says so (the trainer wrote its final heartbeat);
+- ``running``: the heartbeat says running, its pid is alive (checked only when the heartbeat was written on this
+  host) and it is younger than ``--stale-after`` seconds;
+- ``stale``: it says running but the pid is gone or the heartbeat is too old (``reason`` says which).
+
+Exit status: 0 for running/finished, 1 for stale/stopped/failed, 2 when RUN_DIR or its heartbeat is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import re
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from resilient_train.monitor import HEARTBEAT_FILE, HISTORY_FILE, read_history
+
+__all__ = ["StatusError", "run_status", "format_status", "pid_alive", "main"]
+
+log = logging.getLogger(__name__)
+
+_STEP_DIR = re.compile(r"step_\d{8}")
+_OK_STATES = ("running", "finished")
+
+
+class StatusError(Exception):
+    """The directory is not a readable run directory (missing, or no heartbeat)."""
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host (a zombie counts as gone; no permission counts as alive)."""
+    if pid <= 0:  # 0 and negatives address process groups, never a single process
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    try:  # Linux: an exited but unreaped child still answers kill(pid, 0)
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        if stat[stat.rindex(")") + 2 :].startswith("Z"):
+            return False
+    except (OSError, ValueError):
+        pass
+    return True
+
+
+def _latest_step_dir(run_dir: Path) -> str | None:
+    ckpt_dir = run_dir / "checkpoints"
+    try:
+        names = [p.name for p in ckpt_dir.iterdir() if _STEP_DIR.fullmatch(p.name) and p.is_dir()]
+    except OSError:
+        return None
+    return max(names, default=None)  # fixed width: lexicographic order is step order
+
+
+def _read_best(run_dir: Path) -> dict[str, Any] | None:
+    path = run_dir / "checkpoints" / "best.json"
+    try:
+        best = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        log.warning("cannot read %s: %s", path, e)
+        return None
+    return best if isinstance(best, dict) else None
+
+
+def _num(x: Any) -> float | None:
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return None
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def run_status(run_dir: str | os.PathLike, stale_after: float = 120.0) -> dict[str, Any]:
+    """Summarise a run directory as a JSON-able dict. Raises :class:`StatusError` if it is not a run directory.
+
+    Keys: run_dir, state, reason, exit_code, heartbeat_status, pid, host, pid_alive, step, max_steps, epoch,
+    last_train_loss, last_train_step, last_val_loss, last_val_step, latest_checkpoint, best_checkpoint,
+    heartbeat_time, heartbeat_age_secs, stale_after_secs.
+    """
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise StatusError(f"run directory {str(run)!r} does not exist")
+    hb_path = run / HEARTBEAT_FILE
+    try:
+        hb = json.loads(hb_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise StatusError(f"no heartbeat at {hb_path} (is {str(run)!r} a run directory?)") from None
+    except (OSError, ValueError) as e:
+        raise StatusError(f"cannot read heartbeat {hb_path}: {e}") from None
+    if not isinstance(hb, dict):
+        raise StatusError(f"heartbeat {hb_path} is not a JSON object")
+
+    now = time.time()
+    hb_time = _num(hb.get("time"))
+    age = None if hb_time is None else round(now - hb_time, 1)
+    pid = hb.get("pid") if isinstance(hb.get("pid"), int) else None
+    host = hb.get("host")
+    same_host = host is None or host == socket.gethostname()
+    alive: bool | None = pid_alive(pid) if (pid is not None and same_host) else None
+
+    hb_status = hb.get("status")
+    reasons: list[str] = []
+    if hb_status in ("finished", "stopped", "failed"):
+        state = hb_status
+    elif hb_status == "running":
+        if pid is None:
+            reasons.append("heartbeat has no pid")
+        elif alive is False:
+            reasons.append(f"pid {pid} is gone")
+        if age is None:
+            reasons.append("heartbeat has no time")
+        elif age > stale_after:
+            reasons.append(f"heartbeat {age:.0f} s old (stale after {stale_after:g} s)")
+        state = "stale" if reasons else "running"
+        if not reasons and alive is None:
+            reasons.append(f"pid not checked: heartbeat written on host {host!r}")
+    else:
+        state = "stale"
+        reasons.append(f"unknown heartbeat status {hb_status!r}")
+
+    last_train = last_eval = None
+    for rec in read_history(run / HISTORY_FILE):
+        kind = rec.get("kind", "train" if "loss" in rec else None)
+        if kind == "train":
+            last_train = rec
+        elif kind == "eval":
+            last_eval = rec
+
+    best = _read_best(run)
+    return {
+        "run_dir": str(run.resolve()),
+        "state": state,
+        "reason": "; ".join(reasons) or None,
+        "exit_code": 0 if state in _OK_STATES else 1,
+        "heartbeat_status": hb_status,
+        "pid": pid,
+        "host": host,
+        "pid_alive": alive,
+        "step": hb.get("step"),
+        "max_steps": hb.get("max_steps"),
+        "epoch": hb.get("epoch"),
+        "last_train_loss": _num(last_train.get("loss")) if last_train else _num(hb.get("last_loss")),
+        "last_train_step": last_train.get("step") if last_train else None,
+        "last_val_loss": _num(last_eval.get("val_loss")) if last_eval else None,
+        "last_val_step": last_eval.get("step") if last_eval else None,
+        "latest_checkpoint": hb.get("latest_checkpoint") or _latest_step_dir(run),
+        "best_checkpoint": best,
+        "heartbeat_time": hb_time,
+        "heartbeat_age_secs": age,
+        "stale_after_secs": stale_after,
+    }
+
+
+def _fmt_loss(value: float | None, step: Any) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.6g}" + (f" (step {step})" if step is not None else "")
+
+
+def format_status(s: dict[str, Any]) -> str:
+    """The human-readable summary printed by ``main``."""
+    state = s["state"] + (f" ({s['reason']})" if s["reason"] else "")
+    pid = "-" if s["pid"] is None else f"{s['pid']}" + (f" on {s['host']}" if s["host"] else "")
+    step = f"{s['step']}/{s['max_steps']}" if s["max_steps"] is not None else f"{s['step']}"
+    best = s["best_checkpoint"]
+    if best:
+        best_txt = str(best.get("path", "-"))
+        if _num(best.get("val_loss")) is not None:
+            best_txt += f" (val_loss {best['val_loss']:.6g}, step {best.get('step')})"
+    else:
+        best_txt = "-"
+    age = "-" if s["heartbeat_age_secs"] is None else f"{s['heartbeat_age_secs']:.1f} s ago"
+    rows = [
+        ("run", s["run_dir"]),
+        ("state", state),
+        ("pid", pid),
+        ("step", step),
+        ("epoch", "-" if s["epoch"] is None else str(s["epoch"])),
+        ("train loss", _fmt_loss(s["last_train_loss"], s["last_train_step"])),
+        ("val loss", _fmt_loss(s["last_val_loss"], s["last_val_step"])),
+        ("latest ckpt", s["latest_checkpoint"] or "-"),
+        ("best ckpt", best_txt),
+        ("heartbeat", age),
+    ]
+    return "\n".join(f"{k + ':':<13}{v}" for k, v in rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m resilient_train.status", description=(__doc__ or "").split("\n")[0]
+    )
+    parser.add_argument("run_dir", help="run directory (holds heartbeat.json, history.jsonl, checkpoints/)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    parser.add_argument(
+        "--stale-after", type=float, default=120.0, metavar="SECS", help="heartbeat age that counts as stale"
+    )
+    args = parser.parse_args(argv)
+    if not args.stale_after > 0:
+        parser.error("--stale-after must be > 0")
+    try:
+        s = run_status(args.run_dir, stale_after=args.stale_after)
+    except StatusError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(s) if args.json else format_status(s))
+    return s["exit_code"]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""Shared fixtures: Hydra-composed configs (as lightning-hydra-template's conftest) and real training runs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from resilient_train.config import CONFIG_DIR, register_configs
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = REPO / "train.py"
+
+
+def compose_cfg(overrides: list[str]):
+    """Compose the config exactly as ``train.py`` would, without running anything."""
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose(config_name="train", overrides=overrides)
+
+
+@pytest.fixture
+def cfg_tiny():
+    return compose_cfg(["+experiment=tiny"])
+
+
+@pytest.fixture
+def cfg_magvit64():
+    return compose_cfg(["+experiment=magvit64"])
+
+
+def run_train(run_dir: Path, *overrides: str, experiment: str | None = "tiny", timeout: float = 300,
+              env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    """``python train.py ...`` as a real subprocess writing into ``run_dir``."""
+    args = [sys.executable, str(TRAIN)]
+    if experiment:
+        args.append(f"+experiment={experiment}")
+    args += [f"hydra.run.dir={run_dir}", "trainer.progress_bar=false", *overrides]
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "1", **(env or {})}
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=full_env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"train.py exited {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\n"
+                             f"STDERR:\n{proc.stderr[-4000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> Path:
+    """One tiny run of 20 steps, shared (read-only) by tests that only inspect its outputs."""
+    run_dir = tmp_path_factory.mktemp("trained") / "run"
+    run_train(run_dir, "trainer.max_steps=20")
+    return run_dir
