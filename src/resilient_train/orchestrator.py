@@ -267,9 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     for trial in range(args.trials):
         r = run_trial(args, trial, out)
         trials.append(r)
+        problems = [r.get(k) for k in ("error", "checkpoint_difference", "history_difference", "best_difference")]
         print(f"trial {trial}: {'identical' if r['identical'] else 'DIFFERENT'} restarts={r['restarts']} "
-              f"events={len(r['events'])} {r.get('error') or r.get('checkpoint_difference') or ''}"
-              f"{r.get('history_difference') or ''}", flush=True)
+              f"events={len(r['events'])}", *[f"\n  {p}" for p in problems if p], flush=True)
     events = [dict(e, trial=t["trial"]) for t in trials for e in t["events"]]
     report = {
         "identical": all(t["identical"] for t in trials),
