@@ -35,8 +35,14 @@ def cfg_magvit64():
     return compose_cfg(["+experiment=magvit64"])
 
 
-def run_train(run_dir: Path, *overrides: str, experiment: str | None = "tiny", timeout: float = 300,
-              env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+def run_train(
+    run_dir: Path,
+    *overrides: str,
+    experiment: str | None = "tiny",
+    timeout: float = 300,
+    env: dict | None = None,
+    check: bool = True,
+) -> subprocess.CompletedProcess:
     """``python train.py ...`` as a real subprocess writing into ``run_dir``."""
     args = [sys.executable, str(TRAIN)]
     if experiment:
@@ -45,8 +51,9 @@ def run_train(run_dir: Path, *overrides: str, experiment: str | None = "tiny", t
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "1", **(env or {})}
     proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=full_env)
     if check and proc.returncode != 0:
-        raise AssertionError(f"train.py exited {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\n"
-                             f"STDERR:\n{proc.stderr[-4000:]}")
+        raise AssertionError(
+            f"train.py exited {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-4000:]}"
+        )
     return proc
 
 

@@ -106,8 +106,9 @@ class Chaos:
         self.run_dir = Path(run_dir)
         self.ckpt = ckpt
         self.fired = {(e.get("kind"), e.get("step")) for e in read_events(self.run_dir)}
-        log.info("chaos.enabled seed=%d rates=%s already_fired=%d", self.schedule.seed, self.schedule.rates,
-                 len(self.fired))
+        log.info(
+            "chaos.enabled seed=%d rates=%s already_fired=%d", self.schedule.seed, self.schedule.rates, len(self.fired)
+        )
 
     def _due(self, kind: str, step: int) -> bool:
         return (kind, step) not in self.fired and self.schedule.fires(kind, step)

@@ -162,7 +162,8 @@ def resolve_resume(cfg: DictConfig, overrides: list[str], run_dir: Path) -> tupl
     if refused:
         if not cfg.resume.allow_config_change:
             raise ConfigDriftError(
-                f"resuming from {ckpt} with a config that would change the result:\n  " + "\n  ".join(refused)
+                f"resuming from {ckpt} with a config that would change the result:\n  "
+                + "\n  ".join(refused)
                 + "\nUndo these overrides, or pass resume.allow_config_change=true to accept the change "
                 "(it is logged and recorded in the next checkpoint's manifest)."
             )
@@ -180,8 +181,11 @@ def _schema():
 
 def config_diff(old: Any, new: Any) -> list[str]:
     a, b = flatten(to_plain(old)), flatten(to_plain(new))
-    return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}" for k in sorted(set(a) | set(b))
-            if a.get(k, "<absent>") != b.get(k, "<absent>")]
+    return [
+        f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}"
+        for k in sorted(set(a) | set(b))
+        if a.get(k, "<absent>") != b.get(k, "<absent>")
+    ]
 
 
 def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> int:
@@ -214,8 +218,14 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> int:
             truncate_history(run_dir, 0)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
         trainer = Trainer(cfg, run_dir, config_changes=changes)
-        log.info("train.start run_dir=%s experiment=%s max_steps=%d resume=%s threads=%d", run_dir, cfg.experiment,
-                 cfg.trainer.max_steps, ckpt, cfg.trainer.num_threads)
+        log.info(
+            "train.start run_dir=%s experiment=%s max_steps=%d resume=%s threads=%d",
+            run_dir,
+            cfg.experiment,
+            cfg.trainer.max_steps,
+            ckpt,
+            cfg.trainer.num_threads,
+        )
         return trainer.fit(ckpt)
     finally:
         lock.release()

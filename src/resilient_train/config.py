@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 __all__ = [
     "CONFIG_DIR",
@@ -225,23 +225,38 @@ def validate_config(cfg: Any) -> None:
 
     m, d, o, t, c = cfg.model, cfg.data, cfg.optimizer, cfg.trainer, cfg.checkpoint
     levels = list(m.fsq_levels)
-    need(len(levels) > 0 and all(int(v) >= 3 for v in levels), "model.fsq_levels", levels,
-         "each FSQ level must be an integer >= 3 (a level of 2 is not supported by FSQ here)")
-    need(m.image_size >= 8 and (m.image_size & (m.image_size - 1)) == 0, "model.image_size", m.image_size,
-         "must be a power of two >= 8")
-    need(d.image_size == m.image_size, "data.image_size", d.image_size,
-         f"must equal model.image_size ({m.image_size})")
+    need(
+        len(levels) > 0 and all(int(v) >= 3 for v in levels),
+        "model.fsq_levels",
+        levels,
+        "each FSQ level must be an integer >= 3 (a level of 2 is not supported by FSQ here)",
+    )
+    need(
+        m.image_size >= 8 and (m.image_size & (m.image_size - 1)) == 0,
+        "model.image_size",
+        m.image_size,
+        "must be a power of two >= 8",
+    )
+    need(d.image_size == m.image_size, "data.image_size", d.image_size, f"must equal model.image_size ({m.image_size})")
     need(d.channels == m.channels, "data.channels", d.channels, f"must equal model.channels ({m.channels})")
     try:
         tdf = time_downsample_factor(m)
         usable = d.num_frames - int(m.video_contains_first_frame)
-        need(usable > 0 and usable % tdf == 0, "data.num_frames", d.num_frames,
-             f"num_frames - int(model.video_contains_first_frame) must be a positive multiple of {tdf} "
-             f"(2 ** number of compress_time layers); for 16 frames set model.video_contains_first_frame=false")
+        need(
+            usable > 0 and usable % tdf == 0,
+            "data.num_frames",
+            d.num_frames,
+            f"num_frames - int(model.video_contains_first_frame) must be a positive multiple of {tdf} "
+            f"(2 ** number of compress_time layers); for 16 frames set model.video_contains_first_frame=false",
+        )
     except (TypeError, ValueError) as exc:
         errors.append(f"model.layers={OmegaConf.to_container(m.layers)!r}: {exc}")
-    need(m.perceptual_loss_weight == 0 or bool(m.vgg_weights_path), "model.vgg_weights_path", m.vgg_weights_path,
-         "model.perceptual_loss_weight > 0 needs a local VGG16 weights file (nothing is downloaded)")
+    need(
+        m.perceptual_loss_weight == 0 or bool(m.vgg_weights_path),
+        "model.vgg_weights_path",
+        m.vgg_weights_path,
+        "model.perceptual_loss_weight > 0 needs a local VGG16 weights file (nothing is downloaded)",
+    )
     need(m.grad_penalty_every >= 1, "model.grad_penalty_every", m.grad_penalty_every, "must be >= 1")
     need(d.name in ("synthetic", "folder"), "data.name", d.name, "must be 'synthetic' or 'folder'")
     need(d.name != "folder" or bool(d.path), "data.path", d.path, "data=folder needs data.path=DIR")
@@ -253,8 +268,12 @@ def validate_config(cfg: Any) -> None:
     need(o.discr_lr > 0, "optimizer.discr_lr", o.discr_lr, "must be > 0")
     need(len(o.betas) == 2, "optimizer.betas", list(o.betas), "must be two numbers")
     need(o.warmup_steps >= 0, "optimizer.warmup_steps", o.warmup_steps, "must be >= 0")
-    need(o.schedule_steps > o.warmup_steps, "optimizer.schedule_steps", o.schedule_steps,
-         f"must be > optimizer.warmup_steps ({o.warmup_steps})")
+    need(
+        o.schedule_steps > o.warmup_steps,
+        "optimizer.schedule_steps",
+        o.schedule_steps,
+        f"must be > optimizer.warmup_steps ({o.warmup_steps})",
+    )
     need(0 <= o.min_lr_ratio <= 1, "optimizer.min_lr_ratio", o.min_lr_ratio, "must be in [0, 1]")
     need(t.max_steps >= 1, "trainer.max_steps", t.max_steps, "must be >= 1")
     need(t.grad_accum_steps >= 1, "trainer.grad_accum_steps", t.grad_accum_steps, "must be >= 1")
@@ -267,7 +286,11 @@ def validate_config(cfg: Any) -> None:
     need(c.keep_last >= 0, "checkpoint.keep_last", c.keep_last, "must be >= 0 (0 keeps every checkpoint)")
     rf = cfg.resume_from
     need(rf is None or str(rf).strip() != "", "resume_from", rf, "must be null, 'auto' or a path")
-    need(cfg.chaos.skip_restore in ("", "rng", "data"), "chaos.skip_restore", cfg.chaos.skip_restore,
-         "must be '', 'rng' or 'data'")
+    need(
+        cfg.chaos.skip_restore in ("", "rng", "data"),
+        "chaos.skip_restore",
+        cfg.chaos.skip_restore,
+        "must be '', 'rng' or 'data'",
+    )
     if errors:
         raise ValueError("invalid configuration:\n  " + "\n  ".join(errors))

@@ -60,23 +60,34 @@ def default_schedule(seed: int, steps: int, every: int) -> dict[str, list[int]]:
     }
 
 
-def _run(cmd: list[str], log_path: Path, *, kill_after: float | None = None) -> tuple[int, bool]:
-    """Run ``cmd``; with ``kill_after``, SIGKILL it from outside after that many seconds."""
+def _run(
+    cmd: list[str], log_path: Path, *, kill_after: float | None = None, run_dir: Path | None = None
+) -> tuple[int, bool]:
+    """Run ``cmd``; with ``kill_after``, SIGKILL it from outside that many seconds after it trains a step.
+
+    Waiting for progress first means a slow start (a loaded machine) cannot starve the run.
+    """
     with open(log_path, "ab") as log:
         log.write(f"\n$ {' '.join(cmd)}\n".encode())
         log.flush()
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
-        try:
-            proc.wait(timeout=kill_after)
-            return proc.returncode, False
-        except subprocess.TimeoutExpired:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-            return proc.returncode, True
+        if kill_after is None or run_dir is None:
+            return proc.wait(), False
+        start_step, deadline = _last_step(run_dir), None
+        while proc.poll() is None:
+            if deadline is None and _last_step(run_dir) != start_step:
+                deadline = time.monotonic() + kill_after
+            if deadline is not None and time.monotonic() >= deadline:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                return proc.returncode, True
+            time.sleep(0.05)
+        return proc.returncode, False
 
 
 def compare_histories(ref: list[dict[str, Any]], other: list[dict[str, Any]], steps: int) -> str | None:
     """The first step whose train loss differs, or at which a step is missing or repeated."""
+
     def by_step(records: list[dict[str, Any]], kind: str) -> dict[int, list[dict[str, Any]]]:
         out: dict[int, list[dict[str, Any]]] = {}
         for r in records:
@@ -104,15 +115,25 @@ def run_trial(args: argparse.Namespace, trial: int, out: Path) -> dict[str, Any]
     seed = args.seed + trial
     tdir = out / f"trial_{trial}"
     tdir.mkdir(parents=True, exist_ok=True)
-    common = [f"+experiment={args.experiment}", f"trainer.max_steps={args.steps}", "trainer.progress_bar=false",
-              *args.set]
+    common = [
+        f"+experiment={args.experiment}",
+        f"trainer.max_steps={args.steps}",
+        "trainer.progress_bar=false",
+        *args.set,
+    ]
     ref_dir, chaos_dir = tdir / "reference", tdir / "chaos"
     t0 = time.time()
     rc, _ = _run([*_train_cmd(), *common, f"hydra.run.dir={ref_dir}"], tdir / "reference.log")
     ref_secs = time.time() - t0
     if rc != 0:
-        return {"trial": trial, "identical": False, "error": f"reference run failed with exit {rc}; see "
-                f"{tdir / 'reference.log'}", "restarts": 0, "events": [], "steps": args.steps}
+        return {
+            "trial": trial,
+            "identical": False,
+            "error": f"reference run failed with exit {rc}; see {tdir / 'reference.log'}",
+            "restarts": 0,
+            "events": [],
+            "steps": args.steps,
+        }
 
     chaos_args = ["chaos.enabled=true", f"chaos.seed={seed}"]
     if args.rates:
@@ -128,8 +149,10 @@ def run_trial(args: argparse.Namespace, trial: int, out: Path) -> dict[str, Any]
     restarts, external, exits = 0, [], []
     t0 = time.time()
     while True:
-        kill_after = ext_rng.uniform(args.external_min, args.external_max) if args.external_kill else None
-        rc, killed = _run(cmd, tdir / "chaos.log", kill_after=kill_after)
+        kill_after = None
+        if args.external_kill and len(external) < args.external_kills:
+            kill_after = ext_rng.uniform(0.0, args.external_max)
+        rc, killed = _run(cmd, tdir / "chaos.log", kill_after=kill_after, run_dir=chaos_dir)
         exits.append(rc)
         if killed:
             step = _last_step(chaos_dir)
@@ -137,16 +160,29 @@ def run_trial(args: argparse.Namespace, trial: int, out: Path) -> dict[str, Any]
         if rc == 0:
             break
         if rc not in (75, -signal.SIGKILL, 128 + signal.SIGKILL, 130):
-            return {"trial": trial, "identical": False, "restarts": restarts, "steps": args.steps, "events": [],
-                    "error": f"chaos arm exited with {rc} (not a kill or preemption); see {tdir / 'chaos.log'}"}
+            return {
+                "trial": trial,
+                "identical": False,
+                "restarts": restarts,
+                "steps": args.steps,
+                "events": [],
+                "error": f"chaos arm exited with {rc} (not a kill or preemption); see {tdir / 'chaos.log'}",
+            }
         restarts += 1
         if restarts > args.max_restarts:
-            return {"trial": trial, "identical": False, "restarts": restarts, "steps": args.steps, "events": [],
-                    "error": f"restart budget ({args.max_restarts}) ran out before step {args.steps}"}
+            return {
+                "trial": trial,
+                "identical": False,
+                "restarts": restarts,
+                "steps": args.steps,
+                "events": [],
+                "error": f"restart budget ({args.max_restarts}) ran out before step {args.steps}",
+            }
     chaos_secs = time.time() - t0
 
-    events = [{k: v for k, v in e.items() if k in ("kind", "step", "phase", "how")}
-              for e in read_events(chaos_dir)] + [{"kind": e["kind"], "step": e["step"]} for e in external]
+    events = [{k: v for k, v in e.items() if k in ("kind", "step", "phase", "how")} for e in read_events(chaos_dir)] + [
+        {"kind": e["kind"], "step": e["step"]} for e in external
+    ]
     ref_ckpt = CheckpointManager(ref_dir / "checkpoints").committed()[-1]
     chaos_ckpt = CheckpointManager(chaos_dir / "checkpoints").committed()[-1]
     ckpt_diff = compare_checkpoints(ref_ckpt, chaos_ckpt)
@@ -160,7 +196,7 @@ def run_trial(args: argparse.Namespace, trial: int, out: Path) -> dict[str, Any]
         "steps": args.steps,
         "restarts": restarts,
         "exit_codes": exits,
-        "events": sorted(events, key=lambda e: (e["step"] if e["step"] is not None else -1)),
+        "events": sorted(events, key=lambda e: e["step"] if e["step"] is not None else -1),
         "checkpoint_difference": ckpt_diff,
         "history_difference": hist_diff,
         "best_difference": best_diff,
@@ -203,15 +239,25 @@ def _plot(path: Path, ref_dir: Path, chaos_dir: Path, events: list[dict[str, Any
     for run_dir, label, style in ((ref_dir, "reference (uninterrupted)", "-"), (chaos_dir, "chaos (killed)", "--")):
         recs = [r for r in read_history(run_dir) if r.get("kind") == "train"]
         ax.plot([r["step"] for r in recs], [r["loss"] for r in recs], style, label=label, linewidth=1.2)
-    colors = {"step_kill": "red", "save_kill": "purple", "sigterm": "orange", "corrupt": "brown",
-              "external_kill": "black"}
+    colors = {
+        "step_kill": "red",
+        "save_kill": "purple",
+        "sigterm": "orange",
+        "corrupt": "brown",
+        "external_kill": "black",
+    }
     seen = set()
     for e in events:
         if e.get("step") is None:
             continue
         kind = e["kind"]
-        ax.axvline(e["step"], color=colors.get(kind, "gray"), linestyle=":", linewidth=1,
-                   label=kind if kind not in seen else None)
+        ax.axvline(
+            e["step"],
+            color=colors.get(kind, "gray"),
+            linestyle=":",
+            linewidth=1,
+            label=kind if kind not in seen else None,
+        )
         seen.add(kind)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("train loss")
@@ -223,9 +269,13 @@ def _plot(path: Path, ref_dir: Path, chaos_dir: Path, events: list[dict[str, Any
 
 
 def _markdown(report: dict[str, Any]) -> str:
-    lines = [f"# Chaos test: {'IDENTICAL' if report['identical'] else 'DIFFERENT'}", "",
-             f"- experiment: `{report['experiment']}`, steps: {report['steps']}, trials: {len(report['trials'])}",
-             f"- restarts: {report['restarts']}, events: {len(report['events'])}", ""]
+    lines = [
+        f"# Chaos test: {'IDENTICAL' if report['identical'] else 'DIFFERENT'}",
+        "",
+        f"- experiment: `{report['experiment']}`, steps: {report['steps']}, trials: {len(report['trials'])}",
+        f"- restarts: {report['restarts']}, events: {len(report['events'])}",
+        "",
+    ]
     for t in report["trials"]:
         lines += [f"## Trial {t['trial']}: {'identical' if t['identical'] else 'DIFFERENT'}", ""]
         if t.get("error"):
@@ -235,12 +285,16 @@ def _markdown(report: dict[str, Any]) -> str:
         for e in t["events"]:
             detail = e.get("phase") or e.get("how") or ""
             lines.append(f"| {e['step']} | {e['kind']} | {detail} |")
-        lines += ["", f"- restarts: {t['restarts']}, exit codes: {t['exit_codes']}",
-                  f"- final checkpoints: {t['checkpoint_difference'] or 'identical, bit for bit'}",
-                  f"- per-step losses: {t['history_difference'] or 'identical at every step'}",
-                  f"- best pointer: {t['best_difference'] or 'same step'}",
-                  f"- time: reference {t['reference']['secs']} s, chaos arm {t['chaos']['secs']} s",
-                  f"- plot: `trial_{t['trial']}/loss.png`", ""]
+        lines += [
+            "",
+            f"- restarts: {t['restarts']}, exit codes: {t['exit_codes']}",
+            f"- final checkpoints: {t['checkpoint_difference'] or 'identical, bit for bit'}",
+            f"- per-step losses: {t['history_difference'] or 'identical at every step'}",
+            f"- best pointer: {t['best_difference'] or 'same step'}",
+            f"- time: reference {t['reference']['secs']} s, chaos arm {t['chaos']['secs']} s",
+            f"- plot: `trial_{t['trial']}/loss.png`",
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -254,10 +308,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-restarts", type=int, default=30)
     p.add_argument("--rates", action="store_true", help="use chaos=default rates instead of an explicit schedule")
     p.add_argument("--external-kill", action="store_true", help="also SIGKILL the trainer from outside at random")
-    p.add_argument("--external-min", type=float, default=4.0, help="seconds (external kills)")
-    p.add_argument("--external-max", type=float, default=12.0, help="seconds (external kills)")
-    p.add_argument("--skip-restore", choices=["rng", "data"], default="",
-                   help="negative control: do not restore this state on resume; the proof must then fail")
+    p.add_argument("--external-kills", type=int, default=3, help="external kills per trial (default 3)")
+    p.add_argument(
+        "--external-max",
+        type=float,
+        default=3.0,
+        help="an external kill strikes uniformly within this many seconds after the restarted trainer's first new step",
+    )
+    p.add_argument(
+        "--skip-restore",
+        choices=["rng", "data"],
+        default="",
+        help="negative control: do not restore this state on resume; the proof must then fail",
+    )
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra override for both arms")
     args = p.parse_args(argv)
     out = args.out or REPO_ROOT / "outputs" / "chaos" / time.strftime("%Y-%m-%d_%H-%M-%S")
@@ -268,8 +331,12 @@ def main(argv: list[str] | None = None) -> int:
         r = run_trial(args, trial, out)
         trials.append(r)
         problems = [r.get(k) for k in ("error", "checkpoint_difference", "history_difference", "best_difference")]
-        print(f"trial {trial}: {'identical' if r['identical'] else 'DIFFERENT'} restarts={r['restarts']} "
-              f"events={len(r['events'])}", *[f"\n  {p}" for p in problems if p], flush=True)
+        print(
+            f"trial {trial}: {'identical' if r['identical'] else 'DIFFERENT'} restarts={r['restarts']} "
+            f"events={len(r['events'])}",
+            *[f"\n  {p}" for p in problems if p],
+            flush=True,
+        )
     events = [dict(e, trial=t["trial"]) for t in trials for e in t["events"]]
     report = {
         "identical": all(t["identical"] for t in trials),
@@ -286,4 +353,3 @@ def main(argv: list[str] | None = None) -> int:
         shutil.copyfile(out / "trial_0" / "loss.png", out / "loss.png")
     print(out / "report.json")
     return 0 if report["identical"] else 1
-

@@ -29,8 +29,17 @@ from .model import build_model
 from .monitor import Heartbeat, HistoryWriter, atomic_write_text, plot_loss, read_history, save_sample_grid
 from .rng import RNGState, seed_everything
 
-__all__ = ["Trainer", "TrainCounters", "DataPosition", "EMA", "EXIT_FINISHED", "EXIT_PREEMPTED", "EXIT_ABORTED",
-           "capture_env", "warmup_cosine"]
+__all__ = [
+    "Trainer",
+    "TrainCounters",
+    "DataPosition",
+    "EMA",
+    "EXIT_FINISHED",
+    "EXIT_PREEMPTED",
+    "EXIT_ABORTED",
+    "capture_env",
+    "warmup_cosine",
+]
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +60,12 @@ class TrainCounters:
         self.best_step = -1
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "samples_seen": self.samples_seen, "best_val_loss": self.best_val_loss,
-                "best_step": self.best_step}
+        return {
+            "step": self.step,
+            "samples_seen": self.samples_seen,
+            "best_val_loss": self.best_val_loss,
+            "best_step": self.best_step,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
@@ -175,8 +188,9 @@ class Trainer:
         betas = tuple(float(b) for b in o.betas)
         self.opt_gen = torch.optim.AdamW(self.model.parameters(), lr=o.lr, betas=betas, weight_decay=o.weight_decay)
         self.use_gan = bool(cfg.model.use_gan)
-        self.opt_discr = torch.optim.AdamW(self.model.discr_parameters(), lr=o.discr_lr, betas=betas,
-                                           weight_decay=o.weight_decay)
+        self.opt_discr = torch.optim.AdamW(
+            self.model.discr_parameters(), lr=o.discr_lr, betas=betas, weight_decay=o.weight_decay
+        )
         sched = warmup_cosine(int(o.warmup_steps), int(o.schedule_steps), float(o.min_lr_ratio))
         self.sched_gen = torch.optim.lr_scheduler.LambdaLR(self.opt_gen, sched)
         self.sched_discr = torch.optim.lr_scheduler.LambdaLR(self.opt_discr, sched)
@@ -185,8 +199,10 @@ class Trainer:
         self.train_ds, self.val_ds = build_datasets(cfg.data, int(cfg.seed))
         self.batches_per_epoch = batches_per_epoch(self.train_ds, cfg.data)
         if self.batches_per_epoch < 1:
-            raise ValueError(f"data: the train split holds {len(self.train_ds)} clips, fewer than one batch "
-                             f"(data.batch_size={cfg.data.batch_size})")
+            raise ValueError(
+                f"data: the train split holds {len(self.train_ds)} clips, fewer than one batch "
+                f"(data.batch_size={cfg.data.batch_size})"
+            )
         self.counters = TrainCounters()
         self.position = DataPosition()
         self.rng = RNGState()
@@ -195,8 +211,9 @@ class Trainer:
         self.stop_signal: int | None = None
         self.chaos = None
         ck = cfg.checkpoint
-        self.ckpt = CheckpointManager(self.run_dir / "checkpoints", keep_last=int(ck.keep_last),
-                                      async_save=bool(ck.async_save))
+        self.ckpt = CheckpointManager(
+            self.run_dir / "checkpoints", keep_last=int(ck.keep_last), async_save=bool(ck.async_save)
+        )
         if cfg.chaos.enabled:
             from .chaos import Chaos  # only imported when chaos is on
 
@@ -256,8 +273,11 @@ class Trainer:
 
     def _check_env(self, saved: dict[str, Any]) -> None:
         here = self.env
-        diffs = [f"{k}: {saved.get(k)!r} -> {here.get(k)!r}" for k in ("torch", "num_threads", "cpu_capability",
-                 "device", "cuda_devices", "machine", "determinism_env") if saved.get(k) != here.get(k)]
+        diffs = [
+            f"{k}: {saved.get(k)!r} -> {here.get(k)!r}"
+            for k in ("torch", "num_threads", "cpu_capability", "device", "cuda_devices", "machine", "determinism_env")
+            if saved.get(k) != here.get(k)
+        ]
         if not diffs:
             return
         msg = "the environment differs from the checkpoint's, so the bits cannot match: " + "; ".join(diffs)
@@ -275,8 +295,13 @@ class Trainer:
             raise RuntimeError(f"{ckpt_path}: manifest step {manifest['step']} != trainer step {self.counters.step}")
         log.info("ckpt.load step=%d path=%s secs=%.3f", self.counters.step, ckpt_path, time.perf_counter() - t0)
         self._reconcile_best()
-        log.info("resume step=%d epoch=%d batch_in_epoch=%d path=%s", self.counters.step, self.position.epoch,
-                 self.position.batch_in_epoch, ckpt_path)
+        log.info(
+            "resume step=%d epoch=%d batch_in_epoch=%d path=%s",
+            self.counters.step,
+            self.position.epoch,
+            self.position.batch_in_epoch,
+            ckpt_path,
+        )
 
     def _reconcile_best(self) -> None:
         """A crash between a best checkpoint's commit and the pointer update leaves ``best.json`` stale."""
@@ -298,8 +323,13 @@ class Trainer:
             self.position.batch_in_epoch = 0
             self._iter = None
         if self._iter is None:
-            loader = build_loader(self.train_ds, self.cfg.data, seed=int(self.cfg.seed), epoch=self.position.epoch,
-                                  start_batch=self.position.batch_in_epoch)
+            loader = build_loader(
+                self.train_ds,
+                self.cfg.data,
+                seed=int(self.cfg.seed),
+                epoch=self.position.epoch,
+                start_batch=self.position.batch_in_epoch,
+            )
             self._iter = iter(loader)
             if self._pending_rng is not None:  # restored after the loader is rebuilt, before the first batch
                 self.rng.load_state_dict(self._pending_rng)
@@ -333,8 +363,9 @@ class Trainer:
             # are zeroed first: the generator's adversarial loss also reached the discriminator.
             self.opt_discr.zero_grad(set_to_none=True)
             gp = self.counters.step % int(cfg.model.grad_penalty_every) == 0
-            dloss, _ = self.model(batches[-1], return_discr_loss=True, apply_gradient_penalty=gp,
-                                  video_contains_first_frame=vcff)
+            dloss, _ = self.model(
+                batches[-1], return_discr_loss=True, apply_gradient_penalty=gp, video_contains_first_frame=vcff
+            )
             dloss.backward()
             torch.nn.utils.clip_grad_norm_(self.model.discr_parameters(), cfg.optimizer.max_grad_norm)
             self.opt_discr.step()
@@ -343,8 +374,13 @@ class Trainer:
         if self.ema is not None:
             self.ema.update(self.counters.step)
         self.counters.step += 1
-        return {"loss": loss_sum, "recon_loss": recon_sum, "discr_loss": discr, "grad_norm": float(gen_norm),
-                "lr": self.sched_gen.get_last_lr()[0]}
+        return {
+            "loss": loss_sum,
+            "recon_loss": recon_sum,
+            "discr_loss": discr,
+            "grad_norm": float(gen_norm),
+            "lr": self.sched_gen.get_last_lr()[0],
+        }
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -397,8 +433,12 @@ class Trainer:
             os.write(2, b"second SIGINT: exiting immediately\n")
             os._exit(EXIT_ABORTED)
         self.stop_signal = signum
-        log.warning("signal.%s step=%d: finishing the step, saving a checkpoint, then exiting with %d",
-                    signal.Signals(signum).name, self.counters.step, EXIT_PREEMPTED)
+        log.warning(
+            "signal.%s step=%d: finishing the step, saving a checkpoint, then exiting with %d",
+            signal.Signals(signum).name,
+            self.counters.step,
+            EXIT_PREEMPTED,
+        )
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -407,8 +447,9 @@ class Trainer:
         if resume_path is not None:
             self.restore(resume_path)
         history = HistoryWriter(self.run_dir)
-        heartbeat = Heartbeat(self.run_dir, interval_secs=float(cfg.trainer.heartbeat_secs),
-                              max_steps=int(cfg.trainer.max_steps))
+        heartbeat = Heartbeat(
+            self.run_dir, interval_secs=float(cfg.trainer.heartbeat_secs), max_steps=int(cfg.trainer.max_steps)
+        )
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         bar = _progress(cfg, c.step)
         last: dict[str, float] = {}
@@ -425,12 +466,17 @@ class Trainer:
                     improved = val_loss < c.best_val_loss
                     if improved:
                         c.best_val_loss, c.best_step = val_loss, step
-                    history.write({"kind": "eval", "step": step, "epoch": epoch, "val_loss": val_loss,
-                                   "time": time.time()})
+                    history.write(
+                        {"kind": "eval", "step": step, "epoch": epoch, "val_loss": val_loss, "time": time.time()}
+                    )
                 if self.chaos is not None:
                     self.chaos.on_step_end(step)
-                if (step % cfg.checkpoint.every_n_steps == 0 or step == cfg.trainer.max_steps
-                        or (improved and cfg.checkpoint.save_on_best) or self.stop_signal is not None):
+                if (
+                    step % cfg.checkpoint.every_n_steps == 0
+                    or step == cfg.trainer.max_steps
+                    or (improved and cfg.checkpoint.save_on_best)
+                    or self.stop_signal is not None
+                ):
                     self.save_checkpoint(val_loss=val_loss, is_best=improved and cfg.checkpoint.save_on_best)
                 if self.chaos is not None:
                     self.chaos.after_checkpoint(step)
@@ -453,8 +499,15 @@ class Trainer:
                 plot_loss(self.run_dir)
             except ValueError as exc:
                 log.warning("plot skipped: %s", exc)
-            log.info("train.done step=%d epoch=%d loss=%.6f best_val_loss=%.6g best_step=%d run_dir=%s", c.step,
-                     self.position.epoch, last.get("loss", float("nan")), c.best_val_loss, c.best_step, self.run_dir)
+            log.info(
+                "train.done step=%d epoch=%d loss=%.6f best_val_loss=%.6g best_step=%d run_dir=%s",
+                c.step,
+                self.position.epoch,
+                last.get("loss", float("nan")),
+                c.best_val_loss,
+                c.best_step,
+                self.run_dir,
+            )
             return EXIT_FINISHED
         log.warning("train.stopped step=%d signal=%s exit=%d", c.step, self.stop_signal, EXIT_PREEMPTED)
         return EXIT_PREEMPTED
@@ -465,8 +518,14 @@ def _progress(cfg: DictConfig, initial: int):
         return None
     from tqdm import tqdm
 
-    return tqdm(total=int(cfg.trainer.max_steps), initial=initial, desc="train", unit="step", dynamic_ncols=True,
-                file=sys.stderr)
+    return tqdm(
+        total=int(cfg.trainer.max_steps),
+        initial=initial,
+        desc="train",
+        unit="step",
+        dynamic_ncols=True,
+        file=sys.stderr,
+    )
 
 
 def truncate_history(run_dir: Path, step: int) -> int:

@@ -47,8 +47,15 @@ def _opt_steps(opt_state: dict[str, Any]) -> set[int]:
 def verify_checkpoint(ckpt: Path, *, check_model: bool = True) -> dict[str, Any]:
     """Every check on one checkpoint; returns a result dict with ``ok`` and ``errors``."""
     ckpt = Path(ckpt)
-    result: dict[str, Any] = {"path": str(ckpt), "ok": False, "step": None, "epoch": None, "bytes": 0,
-                              "errors": [], "checks": []}
+    result: dict[str, Any] = {
+        "path": str(ckpt),
+        "ok": False,
+        "step": None,
+        "epoch": None,
+        "bytes": 0,
+        "errors": [],
+        "checks": [],
+    }
     report = verify_files(ckpt)
     result["bytes"] = report.bytes
     result["step"] = report.step
@@ -74,8 +81,9 @@ def verify_checkpoint(ckpt: Path, *, check_model: bool = True) -> dict[str, Any]
     if cfg and cfg.get("model", {}).get("use_gan"):
         d_steps = _opt_steps(state.get("optim_discr", {}))
         if d_steps and d_steps != {step}:
-            errors.append(f"{ckpt / 'state.safetensors'}: discriminator optimizer step counts {sorted(d_steps)} "
-                          f"!= {step}")
+            errors.append(
+                f"{ckpt / 'state.safetensors'}: discriminator optimizer step counts {sorted(d_steps)} != {step}"
+            )
     for key in ("sched_gen", "sched_discr"):
         last = state.get(key, {}).get("last_epoch")
         if last is not None and last != step:
@@ -190,8 +198,10 @@ def _table(results: list[dict[str, Any]]) -> str:
         name = Path(r["path"]).name
         mb = r["bytes"] / 1e6
         status = "OK" if r["ok"] else "INVALID"
-        lines.append(f"{name:<40} {r['step'] if r['step'] is not None else '-':>8} "
-                     f"{r['epoch'] if r['epoch'] is not None else '-':>6} {mb:8.2f}  {status}")
+        lines.append(
+            f"{name:<40} {r['step'] if r['step'] is not None else '-':>8} "
+            f"{r['epoch'] if r['epoch'] is not None else '-':>6} {mb:8.2f}  {status}"
+        )
         for e in r["errors"]:
             lines.append(f"    error: {e}")
     ok = sum(r["ok"] for r in results)
@@ -232,8 +242,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no committed checkpoints under {args.path}", file=sys.stderr)
         return 1
     results = [verify_checkpoint(c, check_model=not args.no_model) for c in ckpts]
-    print(json.dumps({"ok": all(r["ok"] for r in results), "checkpoints": results}, indent=1) if args.json
-          else _table(results))
+    print(
+        json.dumps({"ok": all(r["ok"] for r in results), "checkpoints": results}, indent=1)
+        if args.json
+        else _table(results)
+    )
     return 0 if all(r["ok"] for r in results) else 1
 
 

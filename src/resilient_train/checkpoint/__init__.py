@@ -1,8 +1,15 @@
 """Durable, verifiable checkpoints. Knows nothing of the model being trained."""
 
 from .atomic import atomic_write_bytes, commit_dir, fsync_dir, move_aside
-from .format import FORMAT_VERSION, MANIFEST, CheckpointError, VerifyReport, load_checkpoint, read_manifest
-from .format import verify_files
+from .format import (
+    FORMAT_VERSION,
+    MANIFEST,
+    CheckpointError,
+    VerifyReport,
+    load_checkpoint,
+    read_manifest,
+    verify_files,
+)
 from .manager import BEST_POINTER, SAVE_PHASES, CheckpointManager, parse_step, step_dir_name
 
 __all__ = [
