@@ -20,7 +20,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from .checkpoint import CheckpointError, CheckpointManager, read_manifest, verify_files
+from .checkpoint import CheckpointError, CheckpointManager, move_aside, parse_step, read_manifest, verify_files
 from .config import CONFIG_DIR, flatten, is_resume_safe, register_configs, to_plain, validate_config
 
 __all__ = ["main", "resolve_resume", "ConfigDriftError", "RunLock", "EXIT_CONFIG_ERROR", "checkpoint_config"]
@@ -205,12 +205,12 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> int:
             )
         cfg, ckpt, changes = resolve_resume(cfg, overrides, run_dir)
         validate_config(cfg)
-        if ckpt is not None and ckpt.parent == mgr.root:
+        if ckpt is not None:
             step = read_manifest(ckpt)["step"]
-            for newer in [p for p in mgr.committed() if p != ckpt and int(p.name[5:]) > step]:
-                from .checkpoint import move_aside
-
-                move_aside(newer, "superseded")  # resuming from an older point forks the timeline
+            # Resuming from an older point (of this run or another) forks the timeline: later
+            # checkpoints in this run directory must not be picked up by a later resume_from=auto.
+            for newer in [p for p in mgr.committed() if p != ckpt and parse_step(p.name) > step]:
+                move_aside(newer, "superseded")
             dropped = truncate_history(run_dir, step)
             if dropped:
                 log.info("resume.history_truncated records=%d after step=%d", dropped, step)
