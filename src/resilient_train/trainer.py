@@ -255,6 +255,7 @@ class Trainer:
         self.opt_discr.load_state_dict(state["optim_discr"])
         self.sched_gen.load_state_dict(state["sched_gen"])
         self.sched_discr.load_state_dict(state["sched_discr"])
+        self._apply_optimizer_config()
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
         self.counters.load_state_dict(state["trainer"])
@@ -270,6 +271,28 @@ class Trainer:
             log.warning("chaos.skip_restore=rng: NOT restoring RNG state (negative control)")
         else:
             self._pending_rng = rank["rng"]
+
+    def _apply_optimizer_config(self) -> None:
+        """The loaded optimizer and scheduler state carries the saved run's hyperparameters; the config's win.
+
+        Without a config change they are equal and nothing is touched. A change accepted with
+        ``resume.allow_config_change`` (optimizer.lr, discr_lr, betas, weight_decay) must take
+        effect, not merely be recorded in the manifest while training goes on with the old values.
+        """
+        o = self.cfg.optimizer
+        betas = tuple(float(b) for b in o.betas)
+        for opt, sched, base in ((self.opt_gen, self.sched_gen, float(o.lr)),
+                                 (self.opt_discr, self.sched_discr, float(o.discr_lr))):
+            for i, (group, mult) in enumerate(zip(opt.param_groups, sched.lr_lambdas)):
+                if sched.base_lrs[i] != base:
+                    sched.base_lrs[i] = base
+                    group["initial_lr"] = base
+                    group["lr"] = base * mult(sched.last_epoch)
+                    sched._last_lr[i] = group["lr"]
+                if tuple(group["betas"]) != betas:
+                    group["betas"] = betas
+                if group["weight_decay"] != float(o.weight_decay):
+                    group["weight_decay"] = float(o.weight_decay)
 
     def _check_env(self, saved: dict[str, Any]) -> None:
         here = self.env

@@ -1,0 +1,684 @@
+#!/usr/bin/env python3
+"""`make bench`: what the durable checkpoints and the training loop cost, measured side by side.
+
+Every ratio compares our code with a baseline measured in the same run, on the same state, with
+the repetitions of the two interleaved (the order rotates each repetition) and the median taken,
+so load from other processes on the machine hits both sides alike. The state is the magvit64
+job's (``Trainer.state_dict()`` after one optimizer step, so AdamW moments exist).
+
+  save_vs_raw_fsync        CheckpointManager.save (sync) / the same encoded bytes written with
+                           plain os.write + fsync per file (no directory fsync, no hashing)
+  save_vs_torch_save       ... / torch.save(state, one_file) (no fsync: not durable)
+  save_vs_magvit2_trainer  ... / magvit2_pytorch VideoTokenizerTrainer.save() on the same model
+  load_vs_raw_read         load_checkpoint (manifest, sizes, SHA-256, safe parse) / reading the
+                           same files into memory
+  loop_vs_bare_tiny        steps/s of Trainer.fit (no checkpoints, no eval inside the window) /
+  loop_vs_bare_magvit64    steps/s of a bare loop over the same model, data and optimizers
+  async_stall_vs_sync      time Trainer.save_checkpoint blocks the loop with async_save / without
+  resume_vs_fresh_start    process start -> first trained step of `train.py +experiment=tiny`,
+                           resuming from a checkpoint / starting fresh
+
+Writes a JSON report (``--out``, default outputs/bench/bench.json) with the ratios, the absolute
+seconds and bytes behind each, every sample, and the machine. ``--quick`` runs fewer repetitions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+warnings.filterwarnings("ignore", category=FutureWarning)
+warnings.filterwarnings("ignore", category=UserWarning, module=r"(torch|accelerate)")
+
+import torch  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+from hydra.core.global_hydra import GlobalHydra  # noqa: E402
+
+from resilient_train.checkpoint import CheckpointManager, load_checkpoint  # noqa: E402
+from resilient_train.checkpoint.format import encode_state  # noqa: E402
+from resilient_train.config import CONFIG_DIR, register_configs  # noqa: E402
+from resilient_train.data import build_loader  # noqa: E402
+from resilient_train.monitor import read_history  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = REPO / "train.py"
+TENSOR_GROUPS = ("model", "ema")
+BIG = 10**9  # "never" for every_n_steps / eval_every_n_steps
+
+TARGETS = {
+    "save_vs_raw_fsync": ("<=", 1.25),
+    "save_vs_torch_save": ("<=", 1.0),
+    "save_vs_magvit2_trainer": ("<=", 1.0),
+    "load_vs_raw_read": ("<=", 1.5),
+    "loop_vs_bare": (">=", 0.97),
+    "loop_vs_bare_tiny": (">=", 0.97),
+    "loop_vs_bare_magvit64": (">=", 0.97),
+    "async_stall_vs_sync": ("<=", 0.2),
+    "resume_vs_fresh_start": ("<=", None),  # no target: reported
+}
+
+# Runs inside the window only: fit's final eval + checkpoint at max_steps happen after the last step.
+LOOP_OVERRIDES = [
+    f"checkpoint.every_n_steps={BIG}",
+    f"trainer.eval_every_n_steps={BIG}",
+    "trainer.progress_bar=false",
+    "checkpoint.save_on_best=false",
+    "trainer.eval_batches=1",
+    "trainer.num_samples=0",
+]
+
+
+def compose_cfg(overrides: list[str]):
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose(config_name="train", overrides=overrides)
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def interleaved(fns: dict[str, Any], reps: int, *, after: Any = None) -> dict[str, list[float]]:
+    """Time each function ``reps`` times, rotating the order every repetition; ``after(name)`` untimed."""
+    names = list(fns)
+    out: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(reps):
+        order = names[r % len(names) :] + names[: r % len(names)]
+        for n in order:
+            t0 = time.perf_counter()
+            fns[n]()
+            out[n].append(time.perf_counter() - t0)
+            if after is not None:
+                after(n)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# machine
+
+
+def machine_info(out_dir: Path) -> dict[str, Any]:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    st = os.statvfs(out_dir)
+    disk: dict[str, Any] = {
+        "path": str(out_dir),
+        "total_bytes": st.f_blocks * st.f_frsize,
+        "free_bytes": st.f_bavail * st.f_frsize,
+        "block_size": st.f_bsize,
+    }
+    try:
+        df = subprocess.run(["df", "-PT", str(out_dir)], capture_output=True, text=True, timeout=10).stdout
+        fields = df.strip().splitlines()[-1].split()
+        disk.update(device=fields[0], fstype=fields[1], mount=fields[-1])
+    except (OSError, IndexError, subprocess.SubprocessError):
+        pass
+    from importlib.metadata import version
+
+    return {
+        "cpu_model": cpu,
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)),
+        "loadavg_start": os.getloadavg(),
+        "disk": disk,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "safetensors": version("safetensors"),
+        "magvit2_pytorch": version("magvit2-pytorch"),
+        "platform": platform.platform(),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoint save / load
+
+
+def write_raw(dir_: Path, files: dict[str, bytes]) -> None:
+    """The baseline: the same bytes, plain writes, one fsync per file."""
+    dir_.mkdir()
+    for name, data in files.items():
+        fd = os.open(dir_ / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def build_magvit2_trainer(trainer, work: Path):
+    """magvit2-pytorch's own trainer around the *same* model object, its optimizer state made equal to ours.
+
+    ``VideoTokenizerTrainer`` accepts a ``dataset`` directly, so our synthetic train split serves;
+    nothing is downloaded. With ``wd=0`` its optimizers are single-group ``Adam``s over the same
+    parameter lists as ours, so our optimizer states load into them unchanged: the saved moments
+    are the same tensors without running its (accelerate/autocast) train step.
+    """
+    from magvit2_pytorch.trainer import VideoTokenizerTrainer
+
+    vt = VideoTokenizerTrainer(
+        trainer.model,
+        batch_size=1,
+        num_train_steps=1,
+        dataset=trainer.train_ds,
+        valid_frac=0.0,
+        checkpoints_folder=str(work / "m2_ckpts"),
+        results_folder=str(work / "m2_results"),
+        optimizer_kwargs=dict(wd=0.0),
+        accelerate_kwargs=dict(cpu=True),
+    )
+    vt.optimizer.load_state_dict(trainer.opt_gen.state_dict())
+    vt.discr_optimizer.load_state_dict(trainer.opt_discr.state_dict())
+    return vt
+
+
+def bench_save_load(trainer, work: Path, reps: int) -> dict[str, Any]:
+    state = trainer.state_dict()
+    files = encode_state(state, TENSOR_GROUPS)
+    nbytes = sum(len(b) for b in files.values())
+    say(f"  state: {len(files)} files, {nbytes / 1e6:.1f} MB")
+    mgr = CheckpointManager(work / "ours", keep_last=0)
+    vt = build_magvit2_trainer(trainer, work)
+    seq = iter(range(1, 10**6))
+    last: dict[str, Path] = {}
+
+    def ours():
+        step = next(seq)
+        mgr.save(step, state, tensor_groups=TENSOR_GROUPS)
+        last["ours"] = mgr.last_saved
+
+    def raw():
+        last["raw"] = work / f"raw-{next(seq)}"
+        write_raw(last["raw"], files)
+
+    def tsave():
+        last["torch"] = work / f"torch-{next(seq)}.pt"
+        torch.save(state, last["torch"])
+
+    def m2save():
+        last["m2"] = work / f"m2-{next(seq)}.pt"
+        vt.save(str(last["m2"]))
+
+    sizes: dict[str, int] = {}
+
+    def cleanup(name: str) -> None:
+        p = last[name]
+        sizes[name] = sum(f.stat().st_size for f in p.iterdir()) if p.is_dir() else p.stat().st_size
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+    ours()
+    cleanup("ours")  # warm-up: first-call costs (imports, allocator) on neither side
+    t = interleaved({"ours": ours, "raw": raw, "torch": tsave, "m2": m2save}, reps, after=cleanup)
+    say(
+        f"  save done: ours {median(t['ours']):.3f}s raw {median(t['raw']):.3f}s torch {median(t['torch']):.3f}s "
+        f"magvit2 {median(t['m2']):.3f}s"
+    )
+
+    # load: one committed checkpoint, read back with full verification vs plain reads of its files
+    mgr.save(0, state, tensor_groups=TENSOR_GROUPS)
+    ckpt = mgr.last_saved
+    names = sorted(p.name for p in ckpt.iterdir())
+    load_bytes = sum((ckpt / n).stat().st_size for n in names)
+
+    def load():
+        load_checkpoint(ckpt)
+
+    def read():
+        for n in names:
+            (ckpt / n).read_bytes()
+
+    load()
+    read()
+    tl = interleaved({"load": load, "read": read}, reps * 2)
+    say(f"  load done: ours {median(tl['load']):.3f}s raw {median(tl['read']):.3f}s")
+    shutil.rmtree(ckpt)
+
+    def entry(a: str, b: str, ta: list[float], tb: list[float], ba: int, bb: int, **extra) -> dict[str, Any]:
+        return {
+            "ours_s": median(ta),
+            "baseline_s": median(tb),
+            "ours_bytes": ba,
+            "baseline_bytes": bb,
+            "ours": a,
+            "baseline": b,
+            "ours_samples_s": ta,
+            "baseline_samples_s": tb,
+            **extra,
+        }
+
+    return {
+        "save_vs_raw_fsync": entry(
+            "CheckpointManager.save (sync, durable, hashed)",
+            "os.write + fsync of the same encoded files",
+            t["ours"],
+            t["raw"],
+            sizes["ours"],
+            sizes["raw"],
+        ),
+        "save_vs_torch_save": entry(
+            "CheckpointManager.save (sync, durable, hashed)",
+            "torch.save(state, file), no fsync",
+            t["ours"],
+            t["torch"],
+            sizes["ours"],
+            sizes["torch"],
+        ),
+        "save_vs_magvit2_trainer": entry(
+            "CheckpointManager.save (sync, durable, hashed)",
+            "magvit2_pytorch VideoTokenizerTrainer.save() (torch.save of model, EMA, optimizers; no fsync)",
+            t["ours"],
+            t["m2"],
+            sizes["ours"],
+            sizes["m2"],
+            note="same model object; its optimizer state loaded from ours (wd=0 -> same parameter lists); "
+            "its EMA copies the whole VideoTokenizer (discriminator included), ours only the generator",
+            ours_s_per_gb=median(t["ours"]) / sizes["ours"] * 1e9,
+            baseline_s_per_gb=median(t["m2"]) / sizes["m2"] * 1e9,
+        ),
+        "load_vs_raw_read": entry(
+            "load_checkpoint (manifest, size, SHA-256, safe decode)",
+            "read_bytes() of the same files",
+            tl["load"],
+            tl["read"],
+            load_bytes,
+            load_bytes,
+        ),
+    }
+
+
+def bench_async(trainer, work: Path, reps: int) -> dict[str, Any]:
+    """Blocked time of Trainer.save_checkpoint, async vs sync; plus the manager's share, on a prepared state."""
+    mgr = trainer.ckpt
+    waits: list[float] = []
+
+    def run(async_save: bool):
+        def fn():
+            mgr.async_save = async_save
+            trainer.counters.step += 1  # a new checkpoint name each time
+            trainer.save_checkpoint(val_loss=None, is_best=False)
+
+        return fn
+
+    def after(name: str) -> None:
+        t0 = time.perf_counter()
+        mgr.wait()
+        if name == "async":
+            waits.append(time.perf_counter() - t0)
+
+    run(False)()
+    t0 = time.perf_counter()
+    run(True)()  # the first async save allocates the snapshot buffers (reused by every later one)
+    first_async = time.perf_counter() - t0
+    mgr.wait()
+    t = interleaved({"async": run(True), "sync": run(False)}, reps, after=after)
+    mgr.async_save = False
+    say(f"  async done: blocked async {median(t['async']):.3f}s sync {median(t['sync']):.3f}s")
+    nbytes = sum(p.stat().st_size for p in mgr.last_saved.iterdir())
+
+    # The same with the manager alone (state_dict() and the metadata are the trainer's share).
+    state = trainer.state_dict()
+    own = {False: CheckpointManager(work / "sync", keep_last=1), True: CheckpointManager(work / "async", keep_last=1)}
+    steps = iter(range(1, 10**6))
+
+    def msave(async_save: bool):
+        def fn():
+            own[async_save].async_save = async_save
+            own[async_save].save(next(steps), state, tensor_groups=TENSOR_GROUPS)
+
+        return fn
+
+    msave(True)()
+    own[True].wait()
+    tm = interleaved({"async": msave(True), "sync": msave(False)}, reps, after=lambda n: own[True].wait())
+    tsd = interleaved({"state_dict": trainer.state_dict}, reps)["state_dict"]
+    return {
+        "async_stall_vs_sync": {
+            "ours_s": median(t["async"]),
+            "baseline_s": median(t["sync"]),
+            "ours_bytes": nbytes,
+            "baseline_bytes": nbytes,
+            "ours": "Trainer.save_checkpoint with checkpoint.async_save=true: time until it returns",
+            "baseline": "Trainer.save_checkpoint, synchronous",
+            "ours_samples_s": t["async"],
+            "baseline_samples_s": t["sync"],
+            "async_background_remaining_s": median(waits),
+            "first_async_blocked_s": first_async,
+            "manager_only_async_s": median(tm["async"]),
+            "manager_only_sync_s": median(tm["sync"]),
+            "manager_only_ratio": median(tm["async"]) / median(tm["sync"]),
+            "trainer_state_dict_s": median(tsd),
+        }
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# training loop
+
+
+def _batches(trainer):
+    cfg = trainer.cfg
+    epoch = 0
+    while True:
+        for b in build_loader(trainer.train_ds, cfg.data, seed=int(cfg.seed), epoch=epoch):
+            yield b.to(trainer.device)
+        epoch += 1
+
+
+def bare_loop(trainer, batches, step0: int, n: int) -> list[float]:
+    """The same work as Trainer.train_step, written plainly: times (perf_counter) after each step."""
+    cfg = trainer.cfg
+    model, og, od, sg, sd, ema = (
+        trainer.model,
+        trainer.opt_gen,
+        trainer.opt_discr,
+        trainer.sched_gen,
+        trainer.sched_discr,
+        trainer.ema,
+    )
+    accum, vcff = int(cfg.trainer.grad_accum_steps), bool(cfg.model.video_contains_first_frame)
+    gp_every, max_norm = int(cfg.model.grad_penalty_every), float(cfg.optimizer.max_grad_norm)
+    times = []
+    for step in range(step0, step0 + n):
+        model.train()
+        og.zero_grad(set_to_none=True)
+        videos = [next(batches) for _ in range(accum)]
+        for v in videos:
+            loss, _ = model(v, return_loss=True, video_contains_first_frame=vcff)
+            (loss / accum).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        og.step()
+        sg.step()
+        od.zero_grad(set_to_none=True)
+        dloss, _ = model(
+            videos[-1],
+            return_discr_loss=True,
+            apply_gradient_penalty=step % gp_every == 0,
+            video_contains_first_frame=vcff,
+        )
+        dloss.backward()
+        torch.nn.utils.clip_grad_norm_(model.discr_parameters(), max_norm)
+        od.step()
+        sd.step()
+        if ema is not None:
+            ema.update(step)
+        times.append(time.perf_counter())
+    return times
+
+
+def fit_steps(trainer, step0: int, n: int) -> list[float]:
+    """Trainer.fit over steps step0..step0+n-1: wall times of its history records (written after each step)."""
+    trainer.counters.step = step0
+    trainer.cfg.trainer.max_steps = step0 + n
+    before = len(read_history(trainer.run_dir))
+    trainer.fit()
+    recs = [r for r in read_history(trainer.run_dir)[before:] if r.get("kind") == "train"]
+    assert [r["step"] for r in recs] == list(range(step0 + 1, step0 + n + 1)), [r["step"] for r in recs]
+    return [r["time"] for r in recs]
+
+
+def durations(times: list[float]) -> list[float]:
+    """Per-step seconds between the ends of consecutive steps (the first step, a warm-up, is not timed)."""
+    return [b - a for a, b in zip(times, times[1:])]
+
+
+def bench_loop(trainer, name: str, n: int, pairs: int) -> dict[str, Any]:
+    """Pairs of runs over the same step numbers (the same gradient-penalty and EMA steps), order alternating.
+
+    The ratio is median(bare step time) / median(fit step time), pooled over all pairs: per-step
+    medians shrug off the bursts of load from other processes that throughput over a run does not.
+    The throughput ratio of each pair is reported beside it.
+    """
+    batches = _batches(trainer)
+    fit_d: list[float] = []
+    bare_d: list[float] = []
+    pair_ratios = []
+    for p in range(pairs):
+        s = trainer.counters.step
+        if p % 2 == 0:
+            b = durations(bare_loop(trainer, batches, s, n))
+            f = durations(fit_steps(trainer, s, n))
+        else:
+            f = durations(fit_steps(trainer, s, n))
+            b = durations(bare_loop(trainer, batches, s, n))
+        trainer.counters.step = s + n
+        fit_d += f
+        bare_d += b
+        pair_ratios.append(sum(b) / sum(f))
+        say(f"  {name} pair {p}: fit {len(f) / sum(f):.3f} steps/s, bare {len(b) / sum(b):.3f} steps/s")
+    return {
+        f"loop_vs_bare_{name}": {
+            "ratio_is": "(fit steps/s) / (bare steps/s), from the median step time of each, pooled over the pairs",
+            "ours_steps_per_s": 1 / median(fit_d),
+            "baseline_steps_per_s": 1 / median(bare_d),
+            "ours_s_per_step": median(fit_d),
+            "baseline_s_per_step": median(bare_d),
+            "ours_mean_s_per_step": statistics.mean(fit_d),
+            "baseline_mean_s_per_step": statistics.mean(bare_d),
+            "steps_per_run": n,
+            "timed_steps_per_run": n - 1,
+            "pairs": pairs,
+            "pair_throughput_ratios": pair_ratios,
+            "ours": "Trainer.fit (history + heartbeat each step; no checkpoint/eval inside the window)",
+            "baseline": "bare loop: same model, data loader, optimizers, schedulers, EMA, GAN + gradient penalty",
+            "_ratio": median(bare_d) / median(fit_d),
+        }
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# resume vs fresh start (real processes)
+
+
+def _train_args(run_dir: Path, *overrides: str) -> list[str]:
+    return [
+        sys.executable,
+        str(TRAIN),
+        "+experiment=tiny",
+        f"hydra.run.dir={run_dir}",
+        "trainer.progress_bar=false",
+        *overrides,
+    ]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "1"}
+
+
+def time_to_step(run_dir: Path, args: list[str], want_step: int, log: Path, timeout: float = 300) -> float:
+    """Seconds from Popen to the history record of ``want_step`` (its own timestamp); then kill the process."""
+    t0 = time.time()
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=_env())
+    try:
+        while True:
+            hit = [r for r in read_history(run_dir) if r.get("kind") == "train" and r.get("step", 0) >= want_step]
+            if hit:
+                return hit[0]["time"] - t0
+            if proc.poll() is not None:
+                raise RuntimeError(f"train.py exited {proc.returncode}:\n{log.read_text()[-3000:]}")
+            if time.time() - t0 > timeout:
+                raise RuntimeError(f"no step {want_step} within {timeout}s:\n{log.read_text()[-3000:]}")
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+def bench_resume(work: Path, reps: int) -> dict[str, Any]:
+    base = work / "resume-base"
+    proc = subprocess.run(
+        _train_args(base, "trainer.max_steps=10"), capture_output=True, text=True, cwd=REPO, env=_env(), timeout=600
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"base run failed:\n{proc.stderr[-3000:]}")
+    fresh_t, resume_t, load_s = [], [], []
+    for r in range(reps):
+        for kind in ("fresh", "resume") if r % 2 == 0 else ("resume", "fresh"):
+            run = work / f"{kind}-{r}"
+            log = work / f"{kind}-{r}.log"
+            if kind == "fresh":
+                fresh_t.append(time_to_step(run, _train_args(run, "trainer.max_steps=20"), 1, log))
+            else:
+                shutil.copytree(base, run)
+                resume_t.append(
+                    time_to_step(run, _train_args(run, "resume_from=auto", "trainer.max_steps=20"), 11, log)
+                )
+                for line in log.read_text().splitlines():
+                    if "ckpt.load" in line and "secs=" in line:
+                        load_s.append(float(line.rsplit("secs=", 1)[1].split()[0]))
+            shutil.rmtree(run, ignore_errors=True)
+    say(f"  resume done: resume {median(resume_t):.2f}s fresh {median(fresh_t):.2f}s")
+    pair_ratios = [r / f for r, f in zip(resume_t, fresh_t)]  # adjacent runs: the same load on both
+    return {
+        "resume_vs_fresh_start": {
+            "ours_s": median(resume_t),
+            "baseline_s": median(fresh_t),
+            "ours_samples_s": resume_t,
+            "baseline_samples_s": fresh_t,
+            "ours_bytes": sum(p.stat().st_size for p in (base / "checkpoints" / "step_00000010").iterdir()),
+            "ours": "train.py +experiment=tiny resume_from=auto (checkpoint at step 10): Popen -> step 11 recorded",
+            "baseline": "train.py +experiment=tiny, fresh run dir: Popen -> step 1 recorded",
+            "checkpoint_load_s_in_log": median(load_s) if load_s else None,
+            "ratio_is": "median over adjacent (resume, fresh) pairs of resume seconds / fresh seconds",
+            "pair_ratios": pair_ratios,
+            "_ratio": median(pair_ratios),
+        }
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def ratio_of(entry: dict[str, Any]) -> float:
+    if "_ratio" in entry:
+        return entry.pop("_ratio")
+    return entry["ours_s"] / entry["baseline_s"]
+
+
+def print_table(report: dict[str, Any]) -> None:
+    m = report["machine"]
+    print(
+        f"\nmachine: {m['cpu_model']}, {m['cpus_usable']} cpus, torch {m['torch']} ({m['torch_threads']} threads), "
+        f"disk {m['disk'].get('device', '?')} {m['disk'].get('fstype', '?')}, load {m['loadavg_start'][0]:.1f} -> "
+        f"{m['loadavg_end'][0]:.1f}"
+    )
+    print(f"{'ratio':26} {'value':>7} {'target':>8} {'ok':>3}  {'ours':>12} {'baseline':>12} {'MB':>7}")
+    for name, value in report["ratios"].items():
+        e = report["measurements"][name]
+        op, tgt = TARGETS[name]
+        ok = "" if tgt is None else ("yes" if (value <= tgt if op == "<=" else value >= tgt) else "NO")
+        if "ours_s" in e:
+            a, b = f"{e['ours_s']:.3f}s", f"{e['baseline_s']:.3f}s"
+        else:
+            a, b = f"{e['ours_steps_per_s']:.3f}st/s", f"{e['baseline_steps_per_s']:.3f}st/s"
+        mb = f"{e['ours_bytes'] / 1e6:.1f}" if "ours_bytes" in e else ""
+        print(f"{name:26} {value:7.3f} {'' if tgt is None else f'{op}{tgt}':>8} {ok:>3}  {a:>12} {b:>12} {mb:>7}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions and steps (a smoke test)")
+    ap.add_argument("--out", type=Path, default=REPO / "outputs" / "bench" / "bench.json")
+    ap.add_argument("--only", default="", help="comma-separated sections: save,async,loop64,tiny,resume (dev aid)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    only = set(filter(None, args.only.split(",")))
+
+    def want(section: str) -> bool:
+        return not only or section in only
+
+    out = args.out.resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".bench-", dir=out.parent))  # same file system as the report
+    q = args.quick
+    reps = 3 if q else 7
+    t_start = time.perf_counter()
+    measurements: dict[str, Any] = {}
+    try:
+        from resilient_train.trainer import Trainer
+
+        say("magvit64: building the trainer and taking one step (optimizer state must exist)")
+        trainer = Trainer(compose_cfg(["+experiment=magvit64", *LOOP_OVERRIDES]), work / "magvit64")
+        machine = machine_info(out.parent)
+        if want("save") or want("async") or want("loop64"):
+            trainer.train_step()
+        if want("save"):
+            say("save / load")
+            measurements.update(bench_save_load(trainer, work / "saveload", reps))
+        if want("async"):
+            say("async stall")
+            measurements.update(bench_async(trainer, work / "async", reps))
+        if want("loop64"):
+            say("loop: magvit64")
+            measurements.update(bench_loop(trainer, "magvit64", n=2 if q else 3, pairs=1 if q else 3))
+        del trainer
+        if want("tiny"):
+            say("loop: tiny")
+            tiny = Trainer(compose_cfg(["+experiment=tiny", *LOOP_OVERRIDES]), work / "tiny")
+            measurements.update(bench_loop(tiny, "tiny", n=10 if q else 20, pairs=2 if q else 6))
+            del tiny
+        if want("resume"):
+            say("resume vs fresh start (subprocesses)")
+            measurements.update(bench_resume(work / "resume", 1 if q else 4))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    machine["loadavg_end"] = os.getloadavg()
+    ratios = {k: ratio_of(measurements[k]) for k in TARGETS if k in measurements}
+    loops = [k for k in ("loop_vs_bare_tiny", "loop_vs_bare_magvit64") if k in ratios]
+    if loops:  # the headline loop ratio: the worse of the two models
+        worst = min(loops, key=ratios.get)
+        ratios["loop_vs_bare"] = ratios[worst]
+        measurements["loop_vs_bare"] = {"worse_of": loops, "from": worst, **measurements[worst]}
+    ratios = {k: ratios[k] for k in TARGETS if k in ratios}
+    report = {
+        "ratios": ratios,
+        "targets": {k: f"{op}{v}" if v is not None else None for k, (op, v) in TARGETS.items()},
+        "measurements": measurements,
+        "machine": machine,
+        "quick": q,
+        "reps": reps,
+        "bench_seconds": time.perf_counter() - t_start,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    bad = [k for k, v in ratios.items() if not (math.isfinite(v) and v > 0)]
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=1, sort_keys=False) + "\n")
+    os.replace(tmp, out)
+    print_table(report)
+    print(f"\nwrote {out} in {report['bench_seconds']:.0f}s")
+    if bad:
+        print(f"non-finite or non-positive ratios: {bad}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
