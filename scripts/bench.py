@@ -447,18 +447,24 @@ def durations(times: list[float]) -> list[float]:
     return [b - a for a, b in zip(times, times[1:])]
 
 
-def bench_loop(trainer, name: str, n: int, pairs: int) -> dict[str, Any]:
+def bench_loop(trainer, name: str, n: int, pairs: int, budget_s: float) -> dict[str, Any]:
     """Pairs of runs over the same step numbers (the same gradient-penalty and EMA steps), order alternating.
 
     The ratio is median(bare step time) / median(fit step time), pooled over all pairs: per-step
     medians shrug off the bursts of load from other processes that throughput over a run does not.
-    The throughput ratio of each pair is reported beside it.
+    The throughput ratio of each pair is reported beside it. Runs ``pairs`` pairs, or fewer (at
+    least one) when the next would end past ``budget_s``: a busy machine must not stretch the bench.
     """
     batches = _batches(trainer)
     fit_d: list[float] = []
     bare_d: list[float] = []
     pair_ratios = []
+    t0 = time.perf_counter()
     for p in range(pairs):
+        spent = time.perf_counter() - t0
+        if p and spent + spent / p > budget_s:
+            say(f"  {name}: stopping after {p} pairs (time budget {budget_s:.0f}s)")
+            break
         s = trainer.counters.step
         if p % 2 == 0:
             b = durations(bare_loop(trainer, batches, s, n))
@@ -482,7 +488,7 @@ def bench_loop(trainer, name: str, n: int, pairs: int) -> dict[str, Any]:
             "baseline_mean_s_per_step": statistics.mean(bare_d),
             "steps_per_run": n,
             "timed_steps_per_run": n - 1,
-            "pairs": pairs,
+            "pairs": len(pair_ratios),
             "pair_throughput_ratios": pair_ratios,
             "ours": "Trainer.fit (history + heartbeat each step; no checkpoint/eval inside the window)",
             "baseline": "bare loop: same model, data loader, optimizers, schedulers, EMA, GAN + gradient penalty",
@@ -531,7 +537,7 @@ def time_to_step(run_dir: Path, args: list[str], want_step: int, log: Path, time
         proc.wait()
 
 
-def bench_resume(work: Path, reps: int) -> dict[str, Any]:
+def bench_resume(work: Path, reps: int, budget_s: float) -> dict[str, Any]:
     base = work / "resume-base"
     proc = subprocess.run(
         _train_args(base, "trainer.max_steps=10"), capture_output=True, text=True, cwd=REPO, env=_env(), timeout=600
@@ -539,7 +545,12 @@ def bench_resume(work: Path, reps: int) -> dict[str, Any]:
     if proc.returncode != 0:
         raise RuntimeError(f"base run failed:\n{proc.stderr[-3000:]}")
     fresh_t, resume_t, load_s = [], [], []
+    t0 = time.perf_counter()
     for r in range(reps):
+        spent = time.perf_counter() - t0
+        if r and spent + spent / r > budget_s:
+            say(f"  resume: stopping after {r} pairs (time budget {budget_s:.0f}s)")
+            break
         for kind in ("fresh", "resume") if r % 2 == 0 else ("resume", "fresh"):
             run = work / f"{kind}-{r}"
             log = work / f"{kind}-{r}.log"
@@ -637,16 +648,16 @@ def main(argv: list[str] | None = None) -> int:
             measurements.update(bench_async(trainer, work / "async", reps))
         if want("loop64"):
             say("loop: magvit64")
-            measurements.update(bench_loop(trainer, "magvit64", n=2 if q else 3, pairs=1 if q else 3))
+            measurements.update(bench_loop(trainer, "magvit64", n=2 if q else 3, pairs=1 if q else 3, budget_s=150))
         del trainer
         if want("tiny"):
             say("loop: tiny")
             tiny = Trainer(compose_cfg(["+experiment=tiny", *LOOP_OVERRIDES]), work / "tiny")
-            measurements.update(bench_loop(tiny, "tiny", n=10 if q else 20, pairs=2 if q else 6))
+            measurements.update(bench_loop(tiny, "tiny", n=10 if q else 20, pairs=2 if q else 6, budget_s=90))
             del tiny
         if want("resume"):
             say("resume vs fresh start (subprocesses)")
-            measurements.update(bench_resume(work / "resume", 1 if q else 4))
+            measurements.update(bench_resume(work / "resume", 1 if q else 4, budget_s=120))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
