@@ -600,6 +600,11 @@ def print_table(report: dict[str, Any]) -> None:
         f"disk {m['disk'].get('device', '?')} {m['disk'].get('fstype', '?')}, load {m['loadavg_start'][0]:.1f} -> "
         f"{m['loadavg_end'][0]:.1f}"
     )
+    if m["loadavg_start"][0] > 0.5:
+        print(
+            f"note: load average {m['loadavg_start'][0]:.1f} at the start on {m['cpus_usable']} cpus: other processes "
+            "were running, so every number is noisier (see loadavg_1min beside each result in the JSON)"
+        )
     print(f"{'ratio':26} {'value':>7} {'target':>8} {'ok':>3}  {'ours':>12} {'baseline':>12} {'MB':>7}")
     for name, value in report["ratios"].items():
         e = report["measurements"][name]
@@ -632,32 +637,41 @@ def main(argv: list[str] | None = None) -> int:
     reps = 3 if q else 7
     t_start = time.perf_counter()
     measurements: dict[str, Any] = {}
+    machine = machine_info(out.parent)
+
+    def section(fn: Any, *args: Any, **kwargs: Any) -> None:
+        """Run one part; note beside each of its results the 1-minute load average before and after."""
+        load0, t0 = os.getloadavg()[0], time.perf_counter()
+        results = fn(*args, **kwargs)
+        for entry in results.values():
+            entry.update(loadavg_1min=[load0, os.getloadavg()[0]], section_s=time.perf_counter() - t0)
+        measurements.update(results)
+
     try:
         from resilient_train.trainer import Trainer
 
         say("magvit64: building the trainer and taking one step (optimizer state must exist)")
         trainer = Trainer(compose_cfg(["+experiment=magvit64", *LOOP_OVERRIDES]), work / "magvit64")
-        machine = machine_info(out.parent)
         if want("save") or want("async") or want("loop64"):
             trainer.train_step()
         if want("save"):
             say("save / load")
-            measurements.update(bench_save_load(trainer, work / "saveload", reps))
+            section(bench_save_load, trainer, work / "saveload", reps)
         if want("async"):
             say("async stall")
-            measurements.update(bench_async(trainer, work / "async", reps))
+            section(bench_async, trainer, work / "async", reps)
         if want("loop64"):
             say("loop: magvit64")
-            measurements.update(bench_loop(trainer, "magvit64", n=2 if q else 3, pairs=1 if q else 3, budget_s=150))
+            section(bench_loop, trainer, "magvit64", n=2 if q else 3, pairs=1 if q else 3, budget_s=150)
         del trainer
         if want("tiny"):
             say("loop: tiny")
             tiny = Trainer(compose_cfg(["+experiment=tiny", *LOOP_OVERRIDES]), work / "tiny")
-            measurements.update(bench_loop(tiny, "tiny", n=10 if q else 20, pairs=2 if q else 6, budget_s=90))
+            section(bench_loop, tiny, "tiny", n=10 if q else 20, pairs=2 if q else 6, budget_s=90)
             del tiny
         if want("resume"):
             say("resume vs fresh start (subprocesses)")
-            measurements.update(bench_resume(work / "resume", 1 if q else 4, budget_s=120))
+            section(bench_resume, work / "resume", 1 if q else 4, budget_s=120)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -232,6 +232,7 @@ def test_mid_epoch_resume_from_non_eval_checkpoint(every5_to24, ref30, tmp_path)
     assert_same_training(ref30, run, 30)
 
 
+@pytest.mark.slow  # extra coverage; keeps the default suite under 15 minutes
 def test_resume_at_epoch_boundary_after_final_eval(every5_to24, ref30, tmp_path):
     # Step 24 = 48 batches = exactly one epoch, and the first leg evaluated there (max_steps)
     # while the continuous run did not: evaluation must not disturb the training state.
@@ -439,6 +440,7 @@ def test_second_sigint_exits_at_once_leaving_committed_checkpoints_valid(half10,
     assert_same_training(half10, run, 10)
 
 
+@pytest.mark.slow  # extra coverage; keeps the default suite under 15 minutes
 def test_quick_double_sigint_leaves_every_committed_checkpoint_valid(runs, tmp_path):
     run = tmp_path / "run"
     proc = runs.start(run, "trainer.max_steps=200", "checkpoint.every_n_steps=2")
@@ -495,6 +497,7 @@ def test_thread_count_change_is_refused_unless_allowed_then_recorded(half10, tmp
     assert changes == ["trainer.num_threads: 2 -> 1", "env.num_threads: 2 -> 1"]
 
 
+@pytest.mark.slow  # extra coverage; keeps the default suite under 15 minutes
 def test_environment_mismatch_is_refused(half10, tmp_path):
     # Same config, different determinism environment (recorded in every checkpoint). With
     # resume.allow_config_change=true it is accepted and recorded instead: see the thread-count test.

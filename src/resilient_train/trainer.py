@@ -281,8 +281,10 @@ class Trainer:
         """
         o = self.cfg.optimizer
         betas = tuple(float(b) for b in o.betas)
-        for opt, sched, base in ((self.opt_gen, self.sched_gen, float(o.lr)),
-                                 (self.opt_discr, self.sched_discr, float(o.discr_lr))):
+        for opt, sched, base in (
+            (self.opt_gen, self.sched_gen, float(o.lr)),
+            (self.opt_discr, self.sched_discr, float(o.discr_lr)),
+        ):
             for i, (group, mult) in enumerate(zip(opt.param_groups, sched.lr_lambdas)):
                 if sched.base_lrs[i] != base:
                     sched.base_lrs[i] = base

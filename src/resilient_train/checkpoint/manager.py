@@ -75,8 +75,9 @@ class CheckpointManager:
     found at start-up are leftovers of a crash and safe to remove.
     """
 
-    def __init__(self, root: str | os.PathLike, *, keep_last: int = 3, async_save: bool = False,
-                 hook: SaveHook | None = None) -> None:
+    def __init__(
+        self, root: str | os.PathLike, *, keep_last: int = 3, async_save: bool = False, hook: SaveHook | None = None
+    ) -> None:
         self.root = Path(root)
         self.keep_last = keep_last
         self.async_save = async_save
@@ -137,14 +138,22 @@ class CheckpointManager:
         target = self.root / step_dir_name(step)
         if not target.is_dir():
             raise CheckpointError(f"{target}: cannot mark as best, no committed checkpoint there")
-        atomic_write_bytes(self.root / BEST_POINTER,
-                           json.dumps({"step": step, "path": target.name, name: metric}).encode())
+        atomic_write_bytes(
+            self.root / BEST_POINTER, json.dumps({"step": step, "path": target.name, name: metric}).encode()
+        )
         log.info("ckpt.best step=%d path=%s %s=%.6g", step, target, name, metric)
 
     # -- saving -----------------------------------------------------------------------------
 
-    def save(self, step: int, state: dict[str, Any], *, tensor_groups: tuple[str, ...] = (),
-             metadata: dict[str, Any] | None = None, on_commit: Callable[[Path], None] | None = None) -> None:
+    def save(
+        self,
+        step: int,
+        state: dict[str, Any],
+        *,
+        tensor_groups: tuple[str, ...] = (),
+        metadata: dict[str, Any] | None = None,
+        on_commit: Callable[[Path], None] | None = None,
+    ) -> None:
         """Save ``state`` as checkpoint ``step``.
 
         Synchronous by default. With ``async_save`` the tensors are first copied to CPU memory
@@ -163,8 +172,10 @@ class CheckpointManager:
         snapshot = self._snapshot.copy(state)
         log.info("ckpt.snapshot step=%d secs=%.3f", step, time.perf_counter() - t0)
         self._thread = threading.Thread(
-            target=self._write_in_thread, args=(step, snapshot, tensor_groups, metadata, on_commit, t0),
-            name=f"ckpt-save-{step}", daemon=True,
+            target=self._write_in_thread,
+            args=(step, snapshot, tensor_groups, metadata, on_commit, t0),
+            name=f"ckpt-save-{step}",
+            daemon=True,
         )
         self._thread.start()
 
@@ -188,8 +199,15 @@ class CheckpointManager:
         if self.hook is not None:
             self.hook(phase, step, where)
 
-    def _write(self, step: int, state: dict[str, Any], tensor_groups: tuple[str, ...], metadata: dict[str, Any],
-               on_commit: Callable[[Path], None] | None, t0: float) -> None:
+    def _write(
+        self,
+        step: int,
+        state: dict[str, Any],
+        tensor_groups: tuple[str, ...],
+        metadata: dict[str, Any],
+        on_commit: Callable[[Path], None] | None,
+        t0: float,
+    ) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         final = self.root / step_dir_name(step)
         tmp = self.root / f"{TMP_PREFIX}{final.name}-{os.getpid()}-{time.monotonic_ns()}"
@@ -234,7 +252,7 @@ class CheckpointManager:
         # A step_ directory without a manifest was never committed by this protocol (damage, a partial
         # copy): it neither counts towards keep_last nor is deleted here; resume sets it aside.
         committed = [p for p in self.committed() if (p / MANIFEST).is_file()]
-        keep = set(committed[-self.keep_last:])
+        keep = set(committed[-self.keep_last :])
         if self.last_saved is not None:
             keep.add(self.last_saved)  # the checkpoint just committed always survives its own purge
         best = self.best()
