@@ -126,14 +126,7 @@ def run_trial(args: argparse.Namespace, trial: int, out: Path) -> dict[str, Any]
     rc, _ = _run([*_train_cmd(), *common, f"hydra.run.dir={ref_dir}"], tdir / "reference.log")
     ref_secs = time.time() - t0
     if rc != 0:
-        return {
-            "trial": trial,
-            "identical": False,
-            "error": f"reference run failed with exit {rc}; see {tdir / 'reference.log'}",
-            "restarts": 0,
-            "events": [],
-            "steps": args.steps,
-        }
+        return _failed(trial, args.steps, 0, f"reference run failed with exit {rc}; see {tdir / 'reference.log'}")
 
     chaos_args = ["chaos.enabled=true", f"chaos.seed={seed}"]
     if args.rates:
@@ -160,24 +153,17 @@ def run_trial(args: argparse.Namespace, trial: int, out: Path) -> dict[str, Any]
         if rc == 0:
             break
         if rc not in (75, -signal.SIGKILL, 128 + signal.SIGKILL, 130):
-            return {
-                "trial": trial,
-                "identical": False,
-                "restarts": restarts,
-                "steps": args.steps,
-                "events": [],
-                "error": f"chaos arm exited with {rc} (not a kill or preemption); see {tdir / 'chaos.log'}",
-            }
+            return _failed(
+                trial,
+                args.steps,
+                restarts,
+                f"chaos arm exited with {rc} (not a kill or preemption); see {tdir / 'chaos.log'}",
+            )
         restarts += 1
         if restarts > args.max_restarts:
-            return {
-                "trial": trial,
-                "identical": False,
-                "restarts": restarts,
-                "steps": args.steps,
-                "events": [],
-                "error": f"restart budget ({args.max_restarts}) ran out before step {args.steps}",
-            }
+            return _failed(
+                trial, args.steps, restarts, f"restart budget ({args.max_restarts}) ran out before step {args.steps}"
+            )
     chaos_secs = time.time() - t0
 
     events = [{k: v for k, v in e.items() if k in ("kind", "step", "phase", "how")} for e in read_events(chaos_dir)] + [
@@ -206,6 +192,11 @@ def run_trial(args: argparse.Namespace, trial: int, out: Path) -> dict[str, Any]
     }
     _plot(tdir / "loss.png", ref_dir, chaos_dir, result["events"], trial)
     return result
+
+
+def _failed(trial: int, steps: int, restarts: int, error: str) -> dict[str, Any]:
+    """A trial that could not reach the comparison."""
+    return {"trial": trial, "identical": False, "restarts": restarts, "steps": steps, "events": [], "error": error}
 
 
 def _checkpoint_every(run_dir: Path) -> int:
