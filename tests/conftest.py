@@ -8,21 +8,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 
-from resilient_train.config import CONFIG_DIR, register_configs
+from resilient_train.config import compose
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "train.py"
 
 
-def compose_cfg(overrides: list[str]):
-    """Compose the config exactly as ``train.py`` would, without running anything."""
-    register_configs()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose(config_name="train", overrides=overrides)
+compose_cfg = compose  # the config exactly as ``train.py`` composes it, without running anything
 
 
 @pytest.fixture

@@ -21,6 +21,7 @@ __all__ = [
     "CONFIG_DIR",
     "TrainConfig",
     "register_configs",
+    "compose",
     "validate_config",
     "config_hash",
     "to_plain",
@@ -183,6 +184,18 @@ def register_configs() -> None:
     """Register the schema as ``base_train`` (the first entry of ``configs/train.yaml``'s defaults)."""
     cs = ConfigStore.instance()
     cs.store(name="base_train", node=TrainConfig)
+
+
+def compose(overrides: list[str]) -> DictConfig:
+    """Compose the config exactly as ``train.py`` does, without running anything (tests, bench)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return hydra_compose(config_name="train", overrides=overrides)
 
 
 def to_plain(cfg: Any) -> dict:

@@ -1,32 +1,48 @@
-"""Durable, verifiable checkpoints. Knows nothing of the model being trained."""
+"""Durable, verifiable checkpoints. Knows nothing of the model being trained.
 
-from .atomic import atomic_write_bytes, commit_dir, fsync_dir, move_aside
-from .format import (
-    FORMAT_VERSION,
-    MANIFEST,
-    CheckpointError,
-    VerifyReport,
-    load_checkpoint,
-    read_manifest,
-    verify_files,
-)
-from .manager import BEST_POINTER, SAVE_PHASES, CheckpointManager, parse_step, step_dir_name
+Importing this package does not import torch: the layout (:mod:`.layout`) and the folder
+operations (:mod:`.atomic`) are torch-free, so ``status`` and the chaos orchestrator can use
+them; the names below that need torch are imported from their module on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from .atomic import commit_dir, move_aside, remove_dir_safely
+from .layout import BEST_POINTER, MANIFEST, committed, is_checkpoint_dir, parse_step, read_best, step_dir_name
+
+# name -> submodule, for the names whose module imports torch (or may, later).
+_LAZY = {
+    "FORMAT_VERSION": "format",
+    "CheckpointError": "format",
+    "VerifyReport": "format",
+    "load_checkpoint": "format",
+    "read_manifest": "format",
+    "verify_files": "format",
+    "SAVE_PHASES": "manager",
+    "CheckpointManager": "manager",
+}
 
 __all__ = [
     "BEST_POINTER",
-    "FORMAT_VERSION",
     "MANIFEST",
-    "SAVE_PHASES",
-    "CheckpointError",
-    "CheckpointManager",
-    "VerifyReport",
-    "atomic_write_bytes",
     "commit_dir",
-    "fsync_dir",
-    "load_checkpoint",
+    "committed",
+    "is_checkpoint_dir",
     "move_aside",
     "parse_step",
-    "read_manifest",
+    "read_best",
+    "remove_dir_safely",
     "step_dir_name",
-    "verify_files",
+    *_LAZY,
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,4 +1,4 @@
-"""Durable file-system primitives: fsync'd writes, atomic directory commit, crash leftovers.
+"""Atomic folder operations of the checkpoint protocol: commit, set aside, remove. Torch-free.
 
 The commit protocol follows Orbax's: write everything into a temporary sibling directory, fsync
 every file and the directory, rename it to its final name, fsync the parent. A directory under
@@ -13,52 +13,12 @@ import shutil
 import time
 from pathlib import Path
 
-__all__ = [
-    "fsync_dir",
-    "write_file_durable",
-    "atomic_write_bytes",
-    "commit_dir",
-    "move_aside",
-    "remove_dir_safely",
-    "TMP_PREFIX",
-    "TRASH_PREFIX",
-]
+from ..fsio import fsync_dir
+from .layout import TRASH_PREFIX
+
+__all__ = ["commit_dir", "move_aside", "remove_dir_safely"]
 
 log = logging.getLogger(__name__)
-
-TMP_PREFIX = ".tmp-"
-TRASH_PREFIX = ".trash-"
-
-
-def fsync_dir(path: str | os.PathLike) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_file_durable(path: str | os.PathLike, data: bytes | memoryview, *, exclusive: bool = True) -> None:
-    """Write ``data`` to a new file and fsync it before returning."""
-    flags = os.O_WRONLY | os.O_CREAT | (os.O_EXCL if exclusive else os.O_TRUNC)
-    fd = os.open(path, flags, 0o644)
-    try:
-        view = memoryview(data)
-        while view:
-            n = os.write(fd, view)
-            view = view[n:]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Replace ``path`` atomically: temp file in the same directory, fsync, rename, fsync parent."""
-    path = Path(path)
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}-{os.getpid()}")
-    write_file_durable(tmp, data, exclusive=False)
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 def commit_dir(tmp: Path, final: Path) -> None:

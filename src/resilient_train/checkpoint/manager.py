@@ -10,7 +10,6 @@ import ctypes
 import json
 import logging
 import os
-import re
 import shutil
 import threading
 import time
@@ -21,37 +20,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from .atomic import (
-    TMP_PREFIX,
-    TRASH_PREFIX,
-    atomic_write_bytes,
-    commit_dir,
-    move_aside,
-    remove_dir_safely,
-    write_file_durable,
-)
+from ..fsio import TMP_PREFIX, atomic_write, write_durable
+from .atomic import commit_dir, move_aside, remove_dir_safely
 from .format import MANIFEST, CheckpointError, FileWriter, iter_files, manifest_from_entries, verify_files
+from .layout import BEST_POINTER, TRASH_PREFIX, committed, read_best, step_dir_name
 
-__all__ = ["CheckpointManager", "step_dir_name", "parse_step", "SAVE_PHASES", "BEST_POINTER"]
+__all__ = ["CheckpointManager", "SAVE_PHASES"]
 
 log = logging.getLogger(__name__)
 
-STEP_RE = re.compile(r"^step_(\d{8})$")
-BEST_POINTER = "best.json"
 # Stages of a save, in order; hooks (chaos, tests) are called at each one.
 SAVE_PHASES = ("files_partial", "files_written", "before_rename", "after_rename")
 HOLD_ENV = "RESILIENT_TRAIN_HOLD_SAVE"  # test-only: "<phase>" or "<phase>@<step>"
 
 SaveHook = Callable[[str, int, Path], None]
-
-
-def step_dir_name(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-def parse_step(name: str) -> int | None:
-    m = STEP_RE.match(name)
-    return int(m.group(1)) if m else None
 
 
 def _hold_for_tests(phase: str, step: int, where: Path) -> None:
@@ -92,10 +74,7 @@ class CheckpointManager:
 
     def committed(self) -> list[Path]:
         """Committed checkpoint directories, oldest first. Temporaries and set-aside ones are ignored."""
-        if not self.root.is_dir():
-            return []
-        found = [(parse_step(p.name), p) for p in self.root.iterdir() if p.is_dir()]
-        return [p for s, p in sorted((s, p) for s, p in found if s is not None)]
+        return committed(self.root)
 
     def cleanup_temporaries(self) -> list[Path]:
         """Remove the leftovers of interrupted saves and deletions (only the run's writer calls this)."""
@@ -124,23 +103,14 @@ class CheckpointManager:
         return None
 
     def best(self) -> dict[str, Any] | None:
-        p = self.root / BEST_POINTER
-        if not p.is_file():
-            return None
-        try:
-            return json.loads(p.read_text())
-        except json.JSONDecodeError:
-            log.warning("ckpt.best_pointer_unreadable path=%s", p)
-            return None
+        return read_best(self.root)
 
     def set_best(self, step: int, metric: float, name: str = "val_loss") -> None:
         """Point ``best.json`` at the committed checkpoint of ``step`` (atomic replace)."""
         target = self.root / step_dir_name(step)
         if not target.is_dir():
             raise CheckpointError(f"{target}: cannot mark as best, no committed checkpoint there")
-        atomic_write_bytes(
-            self.root / BEST_POINTER, json.dumps({"step": step, "path": target.name, name: metric}).encode()
-        )
+        atomic_write(self.root / BEST_POINTER, json.dumps({"step": step, "path": target.name, name: metric}).encode())
         log.info("ckpt.best step=%d path=%s %s=%.6g", step, target, name, metric)
 
     # -- saving -----------------------------------------------------------------------------
@@ -225,7 +195,7 @@ class CheckpointManager:
         self._phase("files_written", step, tmp)
         # The manifest goes last: its presence inside the directory means every file it lists is
         # complete and fsync'd, and it carries each file's hash for later verification.
-        write_file_durable(tmp / MANIFEST, manifest_from_entries(step, entries, metadata))
+        write_durable(tmp / MANIFEST, manifest_from_entries(step, entries, metadata))
         self._phase("before_rename", step, tmp)
         commit_dir(tmp, final)
         self._phase("after_rename", step, final)
