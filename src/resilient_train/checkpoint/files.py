@@ -1,0 +1,277 @@
+"""The files of one checkpoint folder: writing them concurrently, and reading them back verified.
+
+Saving: :func:`iter_files` turns a state into the files to write (:mod:`.tree` splits it,
+:mod:`.safetensors_io` lays out each safetensors file without copying), and :class:`FileWriter`
+writes, hashes and fsyncs them concurrently (``os.writev``, ``os.fsync``, ``readinto`` and
+SHA-256 all release the GIL); the manager then writes the manifest (:mod:`.manifest`).
+
+Loading: :func:`load_checkpoint` reads every file the manifest lists once, a few at a time,
+checking its size and SHA-256 as it reads, then decodes the state; :func:`verify_files` does the
+same and reports instead of raising. Every full read goes through one function, which logs
+``ckpt.read path=... bytes=... secs=...`` once when it succeeds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import tree
+from .manifest import MANIFEST, STATE_JSON, STATE_TENSORS, CheckpointError, load_json, read_manifest
+from .safetensors_io import Payload, load_safetensors, read_tensors, safetensors_payload, write_pieces
+
+__all__ = ["IO_THREADS", "iter_files", "FileWriter", "Loaded", "load_checkpoint", "VerifyReport", "verify_files"]
+
+log = logging.getLogger(__name__)
+
+#: Threads that write (or read and hash) the files of one checkpoint at once.
+IO_THREADS = max(2, min(4, os.cpu_count() or 2))
+
+
+# ----------------------------------------------------------------------------------------------
+# writing
+
+
+def iter_files(state: dict[str, Any], tensor_groups: tuple[str, ...]) -> Iterator[Payload]:
+    """The files of a checkpoint of ``state`` (manifest excluded), ready to write; nothing is copied.
+
+    Built one at a time, so that writing can start before the last one is planned: ``state.json``
+    (the smallest) first, then ``state.safetensors``, then one file per tensor group.
+    """
+    groups: list[tuple[str, dict[str, torch.Tensor]]] = []
+    rest: dict[str, Any] = {}
+    for name, value in state.items():
+        if name in tensor_groups and value is not None:
+            if not all(isinstance(v, torch.Tensor) for v in value.values()):
+                raise TypeError(f"tensor group {name!r} must map names to tensors")
+            groups.append((name, value))
+        else:
+            rest[name] = value
+    skeleton, tensors = tree.encode(rest)
+    text = json.dumps(skeleton, sort_keys=True).encode()
+    yield Payload(STATE_JSON, [text], len(text))
+    yield safetensors_payload(STATE_TENSORS, tensors)
+    for name, value in groups:
+        yield safetensors_payload(f"{name}.safetensors", value)
+
+
+def _create(path: Path) -> int:
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)  # a new file, never an old one reused
+
+
+def _write_new(path: Path, pieces: list[Any]) -> tuple[int, int]:
+    """``(fd, size)``: ``path`` created and written; the descriptor is closed if writing fails."""
+    fd = _create(path)
+    try:
+        return fd, write_pieces(fd, pieces)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _fsync_close(fd: int, size: int) -> int:
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return size
+
+
+def _write_file(path: Path, pieces: list[Any]) -> int:
+    return _fsync_close(*_write_new(path, pieces))
+
+
+def _hash_pieces(pieces: list[Any]) -> str:
+    digest = hashlib.sha256()
+    for piece in pieces:
+        digest.update(piece)  # releases the GIL for all but tiny pieces
+    return digest.hexdigest()
+
+
+class FileWriter:
+    """Writes the files of one checkpoint directory concurrently; :meth:`entries` waits for them all.
+
+    A file's SHA-256 is computed from the same memory its bytes are written from (nothing changes
+    that memory during a save: a sync save blocks training, an async one writes a snapshot), so
+    writing and hashing are independent jobs: each file is written and fsync'd on a thread of its
+    own (so the disk starts early and the fsyncs overlap) while ``IO_THREADS`` threads hash. The
+    result is the same as writing, hashing and fsyncing the files one after the other.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+        self._writers = ThreadPoolExecutor(8, thread_name_prefix="ckpt-write")
+        self._hashers = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="ckpt-hash")
+        self._jobs: list[tuple[Payload, Future, Future]] = []
+
+    def write_now(self, payload: Payload) -> None:
+        """Create and write the file before returning (its fsync and hash still run in the background)."""
+        fd, size = _write_new(self.directory / payload.name, payload.pieces)
+        self._start(payload, self._writers.submit(_fsync_close, fd, size))
+
+    def write(self, payload: Payload) -> None:
+        """Start writing, fsyncing and hashing the file; returns at once."""
+        self._start(payload, self._writers.submit(_write_file, self.directory / payload.name, payload.pieces))
+
+    def _start(self, payload: Payload, written: Future) -> None:
+        self._jobs.append((payload, written, self._hashers.submit(_hash_pieces, payload.pieces)))
+
+    def entries(self) -> dict[str, dict[str, Any]]:
+        """Wait until every file is written, fsync'd and hashed: their manifest entries ``{"size", "sha256"}``."""
+        out = {}
+        for payload, written, hashed in self._jobs:
+            size = written.result()
+            if size != payload.size:
+                raise CheckpointError(f"{self.directory / payload.name}: wrote {size} bytes, expected {payload.size}")
+            out[payload.name] = {"size": size, "sha256": hashed.result()}
+        return out
+
+    def close(self) -> None:
+        """Wait for every job (also after a failure, so that nothing is still writing when the caller goes on)."""
+        self._writers.shutdown(wait=True)
+        self._hashers.shutdown(wait=True)
+
+    def __enter__(self) -> FileWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# reading
+
+
+@dataclass
+class Loaded:
+    """A checkpoint read in full: every listed file's size and hash checked, the state decoded."""
+
+    path: Path
+    manifest: dict[str, Any]
+    state: dict[str, Any]
+    nbytes: int  # bytes read and hashed (the listed files; the manifest aside)
+
+    @property
+    def step(self) -> int:
+        return self.manifest["step"]
+
+
+class _ParseError(CheckpointError):
+    """The file is intact (size and hash as listed) but not what its name says."""
+
+
+def _read_checked(path: Path, entry: dict[str, Any]) -> bytes:
+    data = path.read_bytes()
+    _check_size(path, len(data), entry)
+    _check_hash(path, hashlib.sha256(data).hexdigest(), entry)
+    return data
+
+
+def _check_size(path: Path, size: int, entry: dict[str, Any]) -> None:
+    if size != entry["size"]:
+        raise CheckpointError(f"{path}: size {size} bytes, manifest says {entry['size']} (truncated or altered)")
+
+
+def _check_hash(path: Path, digest: str, entry: dict[str, Any]) -> None:
+    if digest != entry["sha256"]:
+        raise CheckpointError(f"{path}: SHA-256 mismatch (file {digest[:12]}…, manifest {entry['sha256'][:12]}…)")
+
+
+def _load_file(ckpt: Path, name: str, entry: dict[str, Any]) -> Any:
+    """One listed file, its size and hash checked: tensors for ``.safetensors``, bytes otherwise."""
+    path = ckpt / name
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing (listed in {MANIFEST})")
+    if not name.endswith(".safetensors"):
+        return _read_checked(path, entry)
+    digest = hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:
+        size = os.fstat(f.fileno()).st_size
+        _check_size(path, size, entry)
+        tensors = read_tensors(f, size, digest)
+    if tensors is None:  # not for the fast path: hash first, then the safetensors library (and pickle check)
+        data = _read_checked(path, entry)
+        try:
+            return load_safetensors(data, path)
+        except CheckpointError as exc:
+            raise _ParseError(str(exc)) from None
+    _check_hash(path, digest.hexdigest(), entry)
+    return tensors
+
+
+def _read(ckpt: Path, manifest: dict[str, Any]) -> Loaded:
+    """The one full read: every listed file read once on a few threads, checked, then decoded."""
+    start = time.perf_counter()
+    files = manifest["files"]
+    results: dict[str, Any] = {}
+
+    def load(name: str) -> None:
+        try:
+            results[name] = _load_file(ckpt, name, files[name])
+        except CheckpointError as exc:
+            results[name] = exc
+
+    with ThreadPoolExecutor(min(len(files), IO_THREADS), thread_name_prefix="ckpt-read") as pool:
+        for f in [pool.submit(load, n) for n in sorted(files, key=lambda n: -files[n]["size"])]:
+            f.result()
+    # As when the files were read one by one in manifest order: integrity failures first, then content.
+    errors = [results[n] for n in files if isinstance(results[n], CheckpointError)]
+    if errors:
+        raise next((e for e in errors if not isinstance(e, _ParseError)), errors[0])
+    state: dict[str, Any] = {}
+    for name in files:
+        if name.endswith(".safetensors") and name != STATE_TENSORS:
+            state[name[: -len(".safetensors")]] = results[name]
+    where = ckpt / STATE_JSON
+    rest = tree.decode(load_json(results[STATE_JSON], where), results[STATE_TENSORS], str(where))
+    if not isinstance(rest, dict):
+        raise CheckpointError(f"{where}: malformed state (expected a JSON object)")
+    state.update(rest)
+    loaded = Loaded(path=ckpt, manifest=manifest, state=state, nbytes=sum(e["size"] for e in files.values()))
+    log.info("ckpt.read path=%s bytes=%d secs=%.3f", ckpt, loaded.nbytes, time.perf_counter() - start)
+    return loaded
+
+
+def load_checkpoint(ckpt: Path) -> Loaded:
+    """Read, hash-check and decode a checkpoint. Raises :class:`CheckpointError` (``FileNotFoundError``
+    when there is no such folder)."""
+    ckpt = Path(ckpt)
+    return _read(ckpt, read_manifest(ckpt))
+
+
+@dataclass
+class VerifyReport:
+    path: Path
+    ok: bool
+    step: int | None = None
+    errors: list[str] = field(default_factory=list)
+    bytes: int = 0
+    loaded: Loaded | None = field(default=None, repr=False)  # the checkpoint as read, when ok
+
+
+def verify_files(ckpt: Path) -> VerifyReport:
+    """Manifest, presence, sizes, hashes and safe parsing of every file; never raises.
+
+    When it passes, ``loaded`` holds what was read, so a caller need not read the files again.
+    """
+    ckpt = Path(ckpt)
+    report = VerifyReport(path=ckpt, ok=False)
+    try:
+        manifest = read_manifest(ckpt)
+        report.step = manifest["step"]
+        report.loaded = _read(ckpt, manifest)
+        report.bytes = report.loaded.nbytes
+        report.ok = True
+    except (CheckpointError, FileNotFoundError) as exc:
+        report.errors.append(str(exc))
+    return report

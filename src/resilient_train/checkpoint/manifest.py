@@ -1,0 +1,114 @@
+"""The manifest of a checkpoint: its format version, file names and error type, reading and writing it. Torch-free.
+
+A checkpoint is a directory holding:
+
+* ``<group>.safetensors`` for each flat tensor group named by the caller (e.g. ``model``, ``ema``),
+* ``state.safetensors`` with every other tensor, and ``state.json`` with the rest of the state
+  (nested dicts, lists, tuples, numbers, strings) where tensors are referenced by key
+  (:mod:`.tree`),
+* ``manifest.json``, written last: each file's size and SHA-256, plus the caller's metadata.
+
+Nothing in this package ever unpickles: tensors are read with safetensors
+(:mod:`.safetensors_io`), everything else with ``json``. A file that is not what its name says (a
+pickle planted as ``state.safetensors``, say) fails to parse and is refused before any of its
+content is interpreted; :func:`refuse_pickle` then says so plainly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from .layout import MANIFEST
+
+__all__ = [
+    "FORMAT_VERSION",
+    "MANIFEST",
+    "STATE_JSON",
+    "STATE_TENSORS",
+    "CheckpointError",
+    "refuse_pickle",
+    "load_json",
+    "read_manifest",
+    "manifest_bytes",
+]
+
+FORMAT_VERSION = 1
+STATE_JSON = "state.json"
+STATE_TENSORS = "state.safetensors"
+_PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05", b"PK\x03\x04")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete, corrupt or unsafe; the message names the file."""
+
+
+def refuse_pickle(data: bytes, path: Path) -> None:
+    """Raise a :class:`CheckpointError` that says so when ``data`` is a pickle (or a ``torch.save`` zip)."""
+    if data[:2] in _PICKLE_MAGIC or data[:4] in _PICKLE_MAGIC:
+        raise CheckpointError(
+            f"{path}: holds a Python pickle (or a torch.save zip), not the expected format; refusing to "
+            "unpickle it, since unpickling can run arbitrary code"
+        )
+
+
+def load_json(data: bytes, path: Path) -> Any:
+    """Parse the JSON file ``path`` whose bytes are ``data``; :class:`CheckpointError` when it is not JSON."""
+    try:
+        return json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:  # (nesting too deep to parse)
+        refuse_pickle(data, path)
+        raise CheckpointError(f"{path}: malformed JSON ({exc})") from None
+
+
+def _valid_entry(entry: Any) -> bool:
+    if not isinstance(entry, dict) or {"size", "sha256"} - set(entry):
+        return False
+    size = entry["size"]
+    return type(size) is int and size >= 0 and isinstance(entry["sha256"], str)
+
+
+def read_manifest(ckpt: Path) -> dict[str, Any]:
+    """The manifest of the checkpoint folder ``ckpt``, checked for shape (its files are not read).
+
+    Raises :class:`FileNotFoundError` when ``ckpt`` is not a folder, :class:`CheckpointError` otherwise.
+    """
+    ckpt = Path(ckpt)
+    if not ckpt.is_dir():
+        raise FileNotFoundError(f"checkpoint directory not found: {ckpt}")
+    path = ckpt / MANIFEST
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing; the checkpoint is incomplete and cannot be trusted")
+    manifest = load_json(path.read_bytes(), path)
+    if not isinstance(manifest, dict):
+        raise CheckpointError(f"{path}: malformed (expected a JSON object)")
+    for key in ("format_version", "step", "files"):
+        if key not in manifest:
+            raise CheckpointError(f"{path}: malformed, lacks {key!r}")
+    if manifest["format_version"] != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: format_version {manifest['format_version']} is not supported (this code reads {FORMAT_VERSION})"
+        )
+    files = manifest["files"]
+    if not isinstance(files, dict) or STATE_JSON not in files or STATE_TENSORS not in files:
+        raise CheckpointError(f"{path}: malformed, 'files' must list {STATE_JSON} and {STATE_TENSORS}")
+    for name, entry in files.items():
+        if "/" in name or name.startswith(".") or not _valid_entry(entry):
+            raise CheckpointError(f"{path}: malformed entry for {name!r}")
+        if not name.endswith((".safetensors", ".json")):
+            raise CheckpointError(f"{path}: lists {name!r}, a file type this loader refuses to read")
+    return manifest
+
+
+def manifest_bytes(step: int, entries: dict[str, dict[str, Any]], metadata: dict[str, Any]) -> bytes:
+    """The manifest: format version, step, the caller's metadata and each file's ``{"size", "sha256"}``."""
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "step": int(step),
+        **metadata,
+        "files": dict(sorted(entries.items())),
+        "pid": os.getpid(),
+    }
+    return json.dumps(manifest, indent=1, sort_keys=True).encode()
