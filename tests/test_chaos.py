@@ -45,14 +45,38 @@ def test_default_schedule_covers_every_kind_and_kills_inside_saves():
         assert default_schedule(seed, 60, 10) == s
 
 
+def test_default_schedule_for_a_run_barely_past_its_first_checkpoint():
+    for seed in range(20):
+        s = default_schedule(seed, 12, 10)  # steps 2..11 only; 11 alone comes after the checkpoint at 10
+        assert s["save_kill_steps"] == [10] and s["corrupt_steps"] == [11]
+        assert len(s["step_kill_steps"]) == len(s["sigterm_steps"]) == 1
+        assert s["step_kill_steps"] != s["sigterm_steps"] and {*s["step_kill_steps"], *s["sigterm_steps"]} <= {
+            *range(2, 10)
+        }
+    assert default_schedule(0, 8, 10)["corrupt_steps"] == []  # nothing committed to damage before the end
+
+
 def _orchestrate(out, *args):
+    """``scripts/chaos_test.py --out OUT ...``, run from OUT's parent (a temporary folder, not the repo)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
     return subprocess.run(
         [sys.executable, str(CHAOS_TEST), "--out", str(out), *args],
         capture_output=True,
         text=True,
         timeout=600,
-        cwd=REPO,
+        cwd=out.parent,
     )
+
+
+def _assert_proof_failed(proc, out):
+    """The negative control: the run completed (no trial errored) and the comparison found a difference."""
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert [t for t in report["trials"] if "error" in t] == [], proc.stdout + proc.stderr
+    assert report["identical"] is False
+    step = report["first_diverging_step"]
+    assert isinstance(step, int) and not isinstance(step, bool) and 1 <= step <= report["steps"]
+    assert "DIFFERENT" in proc.stdout
 
 
 def test_killed_run_ends_bit_identical_to_uninterrupted(tmp_path):
@@ -70,22 +94,17 @@ def test_killed_run_ends_bit_identical_to_uninterrupted(tmp_path):
     assert list((out / "trial_0" / "chaos" / "checkpoints").glob("step_*.corrupt-*"))
 
 
-@pytest.mark.parametrize("piece", ["rng"])
-def test_proof_fails_when_resume_skips_state(tmp_path, piece):
+def test_proof_fails_when_resume_skips_state(tmp_path):
     out = tmp_path / "chaos"
-    proc = _orchestrate(out, "--steps", "30", "--skip-restore", piece)
-    assert proc.returncode == 1, proc.stdout + proc.stderr
-    report = json.loads((out / "report.json").read_text())
-    assert report["identical"] is False
-    assert isinstance(report["first_diverging_step"], int) and 1 <= report["first_diverging_step"] <= 30
-    assert "DIFFERENT" in proc.stdout
+    proc = _orchestrate(out, "--steps", "30", "--skip-restore", "rng")
+    _assert_proof_failed(proc, out)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("piece", ["data"])
-def test_proof_fails_when_resume_skips_data_position(tmp_path, piece):
-    proc = _orchestrate(tmp_path / "chaos", "--steps", "30", "--skip-restore", piece)
-    assert proc.returncode == 1
+def test_proof_fails_when_resume_skips_data_position(tmp_path):
+    out = tmp_path / "chaos"
+    proc = _orchestrate(out, "--steps", "30", "--skip-restore", "data")
+    _assert_proof_failed(proc, out)
 
 
 @pytest.mark.slow

@@ -14,14 +14,16 @@ import pytest
 import torch
 from PIL import Image
 
+from resilient_train.fsio import atomic_write
 from resilient_train.monitor import (
     SAMPLE_GRID_GAP,
     Heartbeat,
     HistoryWriter,
-    atomic_write_text,
+    finite_float,
     plot_loss,
     read_history,
     save_sample_grid,
+    truncate_history,
 )
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -93,13 +95,20 @@ def _assert_png(path: Path) -> tuple[int, int]:
 # -- atomic writes ---------------------------------------------------------------------------------------------------
 
 
-def test_atomic_write_text_replaces_and_leaves_no_temp(tmp_path: Path) -> None:
+def test_atomic_write_replaces_and_leaves_no_temp(tmp_path: Path) -> None:
     target = tmp_path / "state.json"
-    atomic_write_text(target, "first\n")
-    atomic_write_text(target, '{"a": 1}\n')
-    atomic_write_text(target, "ü-unicode\n", fsync=False)
+    atomic_write(target, "first\n")
+    atomic_write(target, b'{"a": 1}\n')
+    atomic_write(target, "ü-unicode\n", durable=False)
     assert target.read_text(encoding="utf-8") == "ü-unicode\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json"]
+
+
+def test_finite_float() -> None:
+    assert finite_float(3) == 3.0 and isinstance(finite_float(3), float)
+    assert finite_float(0.25) == 0.25
+    for bad in (True, False, None, "1.0", float("nan"), float("inf"), -float("inf"), [1.0]):
+        assert finite_float(bad) is None, bad
 
 
 # -- heartbeat ---------------------------------------------------------------------------------------------------------
@@ -162,6 +171,29 @@ def test_read_history_skips_truncated_last_line(tmp_path: Path, caplog: pytest.L
     assert any("unparsable" in r.getMessage() for r in caplog.records)
 
     assert read_history(tmp_path / "nowhere") == []
+
+
+def test_truncate_history_drops_later_steps_and_a_partial_line(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert truncate_history(run, 3) == 0 and not run.exists()  # no history: nothing to do, nothing created
+
+    _write_history(run, n=10)  # train 1..10, eval 5 and 10
+    path = run / "history.jsonl"
+    before = path.read_bytes()
+    assert truncate_history(run, 10) == 0
+    assert path.read_bytes() == before  # nothing to drop: the file is left as it is
+
+    with open(path, "a") as f:
+        f.write('{"kind": "train", "step": 11, "lo')  # killed mid-write
+    assert truncate_history(run, 10) == 0  # no whole record dropped, but the partial line goes
+    assert path.read_bytes() == before
+
+    assert truncate_history(run, 4) == 8  # train 5..10 and eval 5, 10
+    recs = read_history(run)
+    assert [(r["kind"], r["step"]) for r in recs] == [("train", s) for s in range(1, 5)]
+    assert path.read_bytes().endswith(b"\n")
+    assert sorted(p.name for p in run.iterdir()) == ["history.jsonl"]  # no temporary left
+    assert truncate_history(path, 0) == 4 and read_history(run) == []  # the file's own path works too
 
 
 # -- plots -----------------------------------------------------------------------------------------------------------

@@ -21,21 +21,22 @@ import logging
 import math
 import os
 import socket
-import threading
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from .fsio import atomic_write
+
 __all__ = [
     "HEARTBEAT_FILE",
     "HISTORY_FILE",
     "HEARTBEAT_STATUSES",
-    "atomic_write_text",
-    "atomic_write_bytes",
     "Heartbeat",
     "HistoryWriter",
     "read_history",
+    "truncate_history",
+    "finite_float",
     "plot_loss",
     "save_sample_grid",
     "SAMPLE_GRID_GAP",
@@ -52,50 +53,6 @@ HEARTBEAT_STATUSES = ("running", "finished", "stopped", "failed")
 SAMPLE_GRID_GAP = 2
 #: Frames shorter than this are upscaled (nearest neighbour, integer factor) in :func:`save_sample_grid`.
 SAMPLE_GRID_MIN_FRAME_HEIGHT = 64
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# atomic writes
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # e.g. platforms that cannot open a directory
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, fsync: bool = True) -> None:
-    """Replace ``path`` with ``data`` so that readers see either the old or the new file, never a partial one."""
-    path = Path(path)
-    # pid + thread id: two processes (or threads) writing the same file never share a temp file.
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            if fsync:
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            tmp.unlink()
-        except FileNotFoundError:
-            pass
-        raise
-    if fsync:
-        _fsync_dir(path.parent)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str, *, fsync: bool = True) -> None:
-    """Atomically replace ``path`` with ``text`` (UTF-8): temp file in the same directory, fsync, rename, fsync dir."""
-    atomic_write_bytes(path, text.encode("utf-8"), fsync=fsync)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -165,7 +122,7 @@ class Heartbeat:
             "latest_checkpoint": self._state["latest_checkpoint"],
             "last_loss": last_loss,
         }
-        atomic_write_text(self.path, json.dumps(record) + "\n")
+        atomic_write(self.path, json.dumps(record) + "\n")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -240,15 +197,31 @@ def read_history(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     return records
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# loss plot
+def truncate_history(run_dir: str | os.PathLike, step: int) -> int:
+    """Drop history records after ``step`` (they belong to a timeline that a resume discards); return how many.
+
+    The file is rewritten atomically, also when only a partial last line (a write cut short) must go.
+    """
+    path = _history_path(run_dir)
+    if not path.exists():
+        return 0
+    records = read_history(path)
+    kept = [r for r in records if int(r.get("step", 0)) <= step]
+    if len(kept) != len(records) or path.read_bytes()[-1:] not in (b"\n", b""):
+        atomic_write(path, "".join(json.dumps(r) + "\n" for r in kept))
+    return len(records) - len(kept)
 
 
-def _finite(x: Any) -> float | None:
+def finite_float(x: Any) -> float | None:
+    """``x`` as a float when it is a finite int or float (not a bool), else ``None``: a JSON field read back."""
     if isinstance(x, bool) or not isinstance(x, (int, float)):
         return None
     x = float(x)
     return x if math.isfinite(x) else None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# loss plot
 
 
 def _series(records: Iterable[dict[str, Any]], kind: str, key: str) -> tuple[list[int], list[float]]:
@@ -258,7 +231,7 @@ def _series(records: Iterable[dict[str, Any]], kind: str, key: str) -> tuple[lis
         rec_kind = rec.get("kind", "train" if "loss" in rec else None)
         if rec_kind != kind or not isinstance(rec.get("step"), int):
             continue
-        value = _finite(rec.get(key))
+        value = finite_float(rec.get(key))
         if value is not None:
             by_step[rec["step"]] = value
     steps = sorted(by_step)
@@ -323,7 +296,7 @@ def plot_loss(
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
-    atomic_write_bytes(out, buf.getvalue(), fsync=False)
+    atomic_write(out, buf.getvalue(), durable=False)
     return out
 
 
@@ -388,5 +361,5 @@ def save_sample_grid(inputs: Any, recons: Any, out_path: str | os.PathLike) -> P
     out.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     Image.fromarray(canvas).save(buf, format="PNG")
-    atomic_write_bytes(out, buf.getvalue(), fsync=False)
+    atomic_write(out, buf.getvalue(), durable=False)
     return out

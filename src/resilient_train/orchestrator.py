@@ -1,13 +1,18 @@
 """The chaos proof: an uninterrupted reference run against a run killed many times, bit for bit.
 
-``python scripts/chaos_test.py`` (``make chaos-test``):
+``python -m resilient_train.orchestrator`` (or ``python scripts/chaos_test.py``, ``make chaos-test``):
 
 1. runs the experiment uninterrupted to N steps (the reference arm);
-2. runs the same config with chaos on, restarting ``train.py ... resume_from=auto`` after every
-   death, until it reaches N or the restart budget runs out;
+2. runs the same config with chaos on, restarting ``python -m resilient_train.cli ... resume_from=auto``
+   after every death, until it reaches N or the restart budget runs out;
 3. optionally SIGKILLs the chaos arm from outside at random moments (``--external-kill``);
 4. compares the final checkpoints (every tensor and counter) and the per-step losses of both arms;
 5. writes ``report.json``, ``report.md`` and ``loss.png`` and prints the report's path last.
+
+The trainer is the installed package's (``python -m resilient_train.cli``), run in the caller's
+working directory; everything is written under ``--out``, by default
+``./outputs/chaos/<timestamp>`` relative to that working directory. Importing this module does
+not import torch (the checkpoint comparison imports it when it runs).
 
 Exit 0 only when every trial's arms are identical.
 """
@@ -25,38 +30,40 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .chaos import read_events
-from .checkpoint import BEST_POINTER, CheckpointManager
+from .checkpoint.layout import CHECKPOINTS_DIR, committed, read_best
+from .fsio import atomic_write
 from .monitor import read_history
-from .verify import compare_checkpoints
 
-__all__ = ["main", "run_trial", "default_schedule", "compare_histories"]
+__all__ = ["main", "run_trial", "default_schedule", "compare_histories", "TRAIN_CMD"]
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-def _train_cmd() -> list[str]:
-    script = REPO_ROOT / "train.py"
-    if script.exists():
-        return [sys.executable, str(script)]
-    return [sys.executable, "-m", "resilient_train.cli"]
+#: The trainer, as installed: run with the caller's working directory, never a path inside a source tree.
+TRAIN_CMD = (sys.executable, "-m", "resilient_train.cli")
 
 
 def default_schedule(seed: int, steps: int, every: int) -> dict[str, list[int]]:
     """Explicit event steps for one trial: two kills inside saves, a step kill, a SIGTERM, a corruption.
 
-    Save kills land on checkpoint steps (a save must be under way for them to strike).
+    Save kills land on checkpoint steps (a save must be under way for them to strike). The other three
+    strike after the first checkpoint; in a run too short for that (fewer than three such steps), only
+    the corruption must (it damages a committed checkpoint, and does nothing before there is one), and
+    the step kill and SIGTERM may come earlier.
     """
     rng = random.Random(seed)
     save_steps = [s for s in range(every, steps, every)]
     plain = [s for s in range(2, steps) if s % every]
     chosen_saves = sorted(rng.sample(save_steps, min(2, len(save_steps))))
-    picks = rng.sample([s for s in plain if s > every], 3) if len(plain) > 3 else plain[:3]
+    late = [s for s in plain if s > every]
+    if len(late) >= 3:
+        step_kill, sigterm, corrupt = ([s] for s in rng.sample(late, 3))
+    else:
+        corrupt = late[-1:]
+        two = rng.sample([s for s in plain if s not in corrupt], min(2, len(plain) - len(corrupt)))
+        step_kill, sigterm = two[:1], two[1:]
     return {
         "save_kill_steps": chosen_saves,
-        "step_kill_steps": [picks[0]],
-        "sigterm_steps": [picks[1]],
-        "corrupt_steps": [picks[2]],
+        "step_kill_steps": step_kill,
+        "sigterm_steps": sigterm,
+        "corrupt_steps": corrupt,
     }
 
 
@@ -70,7 +77,7 @@ def _run(
     with open(log_path, "ab") as log:
         log.write(f"\n$ {' '.join(cmd)}\n".encode())
         log.flush()
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         if kill_after is None or run_dir is None:
             return proc.wait(), False
         start_step, deadline = _last_step(run_dir), None
@@ -112,6 +119,10 @@ def compare_histories(ref: list[dict[str, Any]], other: list[dict[str, Any]], st
 
 
 def run_trial(args: argparse.Namespace, trial: int, out: Path) -> dict[str, Any]:
+    # torch: only once the arms are run and compared, so that importing this module stays light.
+    from .chaos import read_events
+    from .verify import compare_checkpoints
+
     seed = args.seed + trial
     tdir = out / f"trial_{trial}"
     tdir.mkdir(parents=True, exist_ok=True)
@@ -123,7 +134,7 @@ def run_trial(args: argparse.Namespace, trial: int, out: Path) -> dict[str, Any]
     ]
     ref_dir, chaos_dir = tdir / "reference", tdir / "chaos"
     t0 = time.time()
-    rc, _ = _run([*_train_cmd(), *common, f"hydra.run.dir={ref_dir}"], tdir / "reference.log")
+    rc, _ = _run([*TRAIN_CMD, *common, f"hydra.run.dir={ref_dir}"], tdir / "reference.log")
     ref_secs = time.time() - t0
     if rc != 0:
         return _failed(trial, args.steps, 0, f"reference run failed with exit {rc}; see {tdir / 'reference.log'}")
@@ -137,7 +148,7 @@ def run_trial(args: argparse.Namespace, trial: int, out: Path) -> dict[str, Any]
             chaos_args.append(f"chaos.{key}=[{','.join(map(str, steps))}]")
     if args.skip_restore:
         chaos_args.append(f"chaos.skip_restore={args.skip_restore}")
-    cmd = [*_train_cmd(), *common, f"hydra.run.dir={chaos_dir}", "resume_from=auto", *chaos_args]
+    cmd = [*TRAIN_CMD, *common, f"hydra.run.dir={chaos_dir}", "resume_from=auto", *chaos_args]
     ext_rng = random.Random(seed * 7919 + 1)
     restarts, external, exits = 0, [], []
     t0 = time.time()
@@ -169,8 +180,8 @@ def run_trial(args: argparse.Namespace, trial: int, out: Path) -> dict[str, Any]
     events = [{k: v for k, v in e.items() if k in ("kind", "step", "phase", "how")} for e in read_events(chaos_dir)] + [
         {"kind": e["kind"], "step": e["step"]} for e in external
     ]
-    ref_ckpt = CheckpointManager(ref_dir / "checkpoints").committed()[-1]
-    chaos_ckpt = CheckpointManager(chaos_dir / "checkpoints").committed()[-1]
+    ref_ckpt = committed(ref_dir / CHECKPOINTS_DIR)[-1]
+    chaos_ckpt = committed(chaos_dir / CHECKPOINTS_DIR)[-1]
     ckpt_diff = compare_checkpoints(ref_ckpt, chaos_ckpt)
     hist_diff = compare_histories(read_history(ref_dir), read_history(chaos_dir), args.steps)
     best = [_best(d) for d in (ref_dir, chaos_dir)]
@@ -207,8 +218,8 @@ def _checkpoint_every(run_dir: Path) -> int:
 
 
 def _best(run_dir: Path) -> Any:
-    p = run_dir / "checkpoints" / BEST_POINTER
-    return json.loads(p.read_text()).get("step") if p.exists() else None
+    best = read_best(run_dir / CHECKPOINTS_DIR)
+    return best.get("step") if best else None
 
 
 def _first_step(diff: str | None) -> int | None:
@@ -290,12 +301,16 @@ def _markdown(report: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="scripts/chaos_test.py", description="Kill, resume, compare bit for bit.")
+    p = argparse.ArgumentParser(
+        prog="python -m resilient_train.orchestrator", description="Kill, resume, compare bit for bit."
+    )
     p.add_argument("--experiment", default="tiny")
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--trials", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=None, help="default: outputs/chaos/<timestamp>")
+    p.add_argument(
+        "--out", type=Path, default=None, help="default: outputs/chaos/<timestamp> under the working directory"
+    )
     p.add_argument("--max-restarts", type=int, default=30)
     p.add_argument("--rates", action="store_true", help="use chaos=default rates instead of an explicit schedule")
     p.add_argument("--external-kill", action="store_true", help="also SIGKILL the trainer from outside at random")
@@ -314,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra override for both arms")
     args = p.parse_args(argv)
-    out = args.out or REPO_ROOT / "outputs" / "chaos" / time.strftime("%Y-%m-%d_%H-%M-%S")
+    out = args.out or Path.cwd() / "outputs" / "chaos" / time.strftime("%Y-%m-%d_%H-%M-%S")
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     trials = []
@@ -338,9 +353,13 @@ def main(argv: list[str] | None = None) -> int:
         "first_diverging_step": next((t.get("first_diverging_step") for t in trials if not t["identical"]), None),
         "trials": trials,
     }
-    (out / "report.json").write_text(json.dumps(report, indent=1))
-    (out / "report.md").write_text(_markdown(report))
+    atomic_write(out / "report.json", json.dumps(report, indent=1))
+    atomic_write(out / "report.md", _markdown(report))
     if (out / "trial_0" / "loss.png").exists():
         shutil.copyfile(out / "trial_0" / "loss.png", out / "loss.png")
     print(out / "report.json")
     return 0 if report["identical"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -14,23 +14,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import math
 import os
-import re
 import socket
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from resilient_train.monitor import HEARTBEAT_FILE, HISTORY_FILE, read_history
+from resilient_train.checkpoint.layout import CHECKPOINTS_DIR, committed, read_best
+from resilient_train.monitor import HEARTBEAT_FILE, HISTORY_FILE, finite_float, read_history
 
 __all__ = ["StatusError", "run_status", "format_status", "pid_alive", "main"]
 
-log = logging.getLogger(__name__)
-
-_STEP_DIR = re.compile(r"step_\d{8}")
 _OK_STATES = ("running", "finished")
 
 
@@ -60,31 +55,11 @@ def pid_alive(pid: int) -> bool:
 
 
 def _latest_step_dir(run_dir: Path) -> str | None:
-    ckpt_dir = run_dir / "checkpoints"
     try:
-        names = [p.name for p in ckpt_dir.iterdir() if _STEP_DIR.fullmatch(p.name) and p.is_dir()]
+        found = committed(run_dir / CHECKPOINTS_DIR)
     except OSError:
         return None
-    return max(names, default=None)  # fixed width: lexicographic order is step order
-
-
-def _read_best(run_dir: Path) -> dict[str, Any] | None:
-    path = run_dir / "checkpoints" / "best.json"
-    try:
-        best = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as e:
-        log.warning("cannot read %s: %s", path, e)
-        return None
-    return best if isinstance(best, dict) else None
-
-
-def _num(x: Any) -> float | None:
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
-        return None
-    x = float(x)
-    return x if math.isfinite(x) else None
+    return found[-1].name if found else None
 
 
 def run_status(run_dir: str | os.PathLike, stale_after: float = 120.0) -> dict[str, Any]:
@@ -108,7 +83,7 @@ def run_status(run_dir: str | os.PathLike, stale_after: float = 120.0) -> dict[s
         raise StatusError(f"heartbeat {hb_path} is not a JSON object")
 
     now = time.time()
-    hb_time = _num(hb.get("time"))
+    hb_time = finite_float(hb.get("time"))
     age = None if hb_time is None else round(now - hb_time, 1)
     pid = hb.get("pid") if isinstance(hb.get("pid"), int) else None
     host = hb.get("host")
@@ -143,7 +118,7 @@ def run_status(run_dir: str | os.PathLike, stale_after: float = 120.0) -> dict[s
         elif kind == "eval":
             last_eval = rec
 
-    best = _read_best(run)
+    best = read_best(run / CHECKPOINTS_DIR)
     return {
         "run_dir": str(run.resolve()),
         "state": state,
@@ -156,9 +131,9 @@ def run_status(run_dir: str | os.PathLike, stale_after: float = 120.0) -> dict[s
         "step": hb.get("step"),
         "max_steps": hb.get("max_steps"),
         "epoch": hb.get("epoch"),
-        "last_train_loss": _num(last_train.get("loss")) if last_train else _num(hb.get("last_loss")),
+        "last_train_loss": finite_float(last_train.get("loss")) if last_train else finite_float(hb.get("last_loss")),
         "last_train_step": last_train.get("step") if last_train else None,
-        "last_val_loss": _num(last_eval.get("val_loss")) if last_eval else None,
+        "last_val_loss": finite_float(last_eval.get("val_loss")) if last_eval else None,
         "last_val_step": last_eval.get("step") if last_eval else None,
         "latest_checkpoint": hb.get("latest_checkpoint") or _latest_step_dir(run),
         "best_checkpoint": best,
@@ -182,7 +157,7 @@ def format_status(s: dict[str, Any]) -> str:
     best = s["best_checkpoint"]
     if best:
         best_txt = str(best.get("path", "-"))
-        if _num(best.get("val_loss")) is not None:
+        if finite_float(best.get("val_loss")) is not None:
             best_txt += f" (val_loss {best['val_loss']:.6g}, step {best.get('step')})"
     else:
         best_txt = "-"
