@@ -15,11 +15,13 @@ job's (``Trainer.state_dict()`` after one optimizer step, so AdamW moments exist
   loop_vs_bare_tiny        steps/s of Trainer.fit (no checkpoints, no eval inside the window) /
   loop_vs_bare_magvit64    steps/s of a bare loop over the same model, data and optimizers
   async_stall_vs_sync      time Trainer.save_checkpoint blocks the loop with async_save / without
-  resume_vs_fresh_start    process start -> first trained step of `train.py +experiment=tiny`,
+  resume_vs_fresh_start    process start -> first trained step of
+                           `python -m resilient_train.cli +experiment=tiny`,
                            resuming from a checkpoint / starting fresh
 
-Writes a JSON report (``--out``, default outputs/bench/bench.json) with the ratios, the absolute
-seconds and bytes behind each, every sample, and the machine. ``--quick`` runs fewer repetitions.
+Writes a JSON report (``--out``, default ``outputs/bench/bench.json`` under the working directory)
+with the ratios, the absolute seconds and bytes behind each, every sample, and the machine.
+``--quick`` runs fewer repetitions.
 """
 
 from __future__ import annotations
@@ -44,17 +46,16 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 warnings.filterwarnings("ignore", category=UserWarning, module=r"(torch|accelerate)")
 
 import torch  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
-from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 
 from resilient_train.checkpoint import CheckpointManager, load_checkpoint  # noqa: E402
-from resilient_train.checkpoint.format import encode_state  # noqa: E402
-from resilient_train.config import CONFIG_DIR, register_configs  # noqa: E402
+from resilient_train.checkpoint.files import iter_files  # noqa: E402
+from resilient_train.config import compose  # noqa: E402
 from resilient_train.data import build_loader  # noqa: E402
+from resilient_train.fsio import atomic_write  # noqa: E402
 from resilient_train.monitor import read_history  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-TRAIN = REPO / "train.py"
+#: The trainer, as installed, run in the caller's working directory (never a path inside a source tree).
+TRAIN_CMD = (sys.executable, "-m", "resilient_train.cli")
 TENSOR_GROUPS = ("model", "ema")
 BIG = 10**9  # "never" for every_n_steps / eval_every_n_steps
 
@@ -79,13 +80,6 @@ LOOP_OVERRIDES = [
     "trainer.eval_batches=1",
     "trainer.num_samples=0",
 ]
-
-
-def compose_cfg(overrides: list[str]):
-    register_configs()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose(config_name="train", overrides=overrides)
 
 
 def median(xs: list[float]) -> float:
@@ -200,7 +194,7 @@ def build_magvit2_trainer(trainer, work: Path):
 
 def bench_save_load(trainer, work: Path, reps: int) -> dict[str, Any]:
     state = trainer.state_dict()
-    files = encode_state(state, TENSOR_GROUPS)
+    files = {p.name: b"".join(p.pieces) for p in iter_files(state, TENSOR_GROUPS)}
     nbytes = sum(len(b) for b in files.values())
     say(f"  state: {len(files)} files, {nbytes / 1e6:.1f} MB")
     mgr = CheckpointManager(work / "ours", keep_last=0)
@@ -390,43 +384,38 @@ def _batches(trainer):
         epoch += 1
 
 
+def bare_step(trainer, videos: list, step: int) -> None:
+    """One optimizer step written plainly: the work of ``Trainer.train_step`` without its bookkeeping
+    (no counters, no ``.item()`` syncs, no metrics). ``tests/test_bench.py`` checks that it leaves the
+    same bits as ``train_step``, so this baseline cannot drift from the loop it is compared with."""
+    m, o = trainer.cfg.model, trainer.cfg.optimizer
+    model, vcff = trainer.model, m.video_contains_first_frame
+    model.train()
+    trainer.opt_gen.zero_grad(set_to_none=True)
+    for v in videos:
+        loss, _ = model(v, return_loss=True, video_contains_first_frame=vcff)
+        (loss / len(videos)).backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), o.max_grad_norm)
+    trainer.opt_gen.step()
+    trainer.sched_gen.step()
+    if m.use_gan:
+        trainer.opt_discr.zero_grad(set_to_none=True)
+        gp = step % m.grad_penalty_every == 0
+        dloss, _ = model(videos[-1], return_discr_loss=True, apply_gradient_penalty=gp, video_contains_first_frame=vcff)
+        dloss.backward()
+        torch.nn.utils.clip_grad_norm_(model.discr_parameters(), o.max_grad_norm)
+        trainer.opt_discr.step()
+        trainer.sched_discr.step()
+    if trainer.ema is not None:
+        trainer.ema.update(step)
+
+
 def bare_loop(trainer, batches, step0: int, n: int) -> list[float]:
-    """The same work as Trainer.train_step, written plainly: times (perf_counter) after each step."""
-    cfg = trainer.cfg
-    model, og, od, sg, sd, ema = (
-        trainer.model,
-        trainer.opt_gen,
-        trainer.opt_discr,
-        trainer.sched_gen,
-        trainer.sched_discr,
-        trainer.ema,
-    )
-    accum, vcff = int(cfg.trainer.grad_accum_steps), bool(cfg.model.video_contains_first_frame)
-    gp_every, max_norm = int(cfg.model.grad_penalty_every), float(cfg.optimizer.max_grad_norm)
+    """``n`` bare steps from ``step0``: the time (perf_counter) after each."""
+    accum = trainer.cfg.trainer.grad_accum_steps
     times = []
     for step in range(step0, step0 + n):
-        model.train()
-        og.zero_grad(set_to_none=True)
-        videos = [next(batches) for _ in range(accum)]
-        for v in videos:
-            loss, _ = model(v, return_loss=True, video_contains_first_frame=vcff)
-            (loss / accum).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-        og.step()
-        sg.step()
-        od.zero_grad(set_to_none=True)
-        dloss, _ = model(
-            videos[-1],
-            return_discr_loss=True,
-            apply_gradient_penalty=step % gp_every == 0,
-            video_contains_first_frame=vcff,
-        )
-        dloss.backward()
-        torch.nn.utils.clip_grad_norm_(model.discr_parameters(), max_norm)
-        od.step()
-        sd.step()
-        if ema is not None:
-            ema.update(step)
+        bare_step(trainer, [next(batches) for _ in range(accum)], step)
         times.append(time.perf_counter())
     return times
 
@@ -503,8 +492,7 @@ def bench_loop(trainer, name: str, n: int, pairs: int, budget_s: float) -> dict[
 
 def _train_args(run_dir: Path, *overrides: str) -> list[str]:
     return [
-        sys.executable,
-        str(TRAIN),
+        *TRAIN_CMD,
         "+experiment=tiny",
         f"hydra.run.dir={run_dir}",
         "trainer.progress_bar=false",
@@ -520,14 +508,14 @@ def time_to_step(run_dir: Path, args: list[str], want_step: int, log: Path, time
     """Seconds from Popen to the history record of ``want_step`` (its own timestamp); then kill the process."""
     t0 = time.time()
     with open(log, "wb") as out:
-        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=_env())
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=_env())
     try:
         while True:
             hit = [r for r in read_history(run_dir) if r.get("kind") == "train" and r.get("step", 0) >= want_step]
             if hit:
                 return hit[0]["time"] - t0
             if proc.poll() is not None:
-                raise RuntimeError(f"train.py exited {proc.returncode}:\n{log.read_text()[-3000:]}")
+                raise RuntimeError(f"the trainer exited {proc.returncode}:\n{log.read_text()[-3000:]}")
             if time.time() - t0 > timeout:
                 raise RuntimeError(f"no step {want_step} within {timeout}s:\n{log.read_text()[-3000:]}")
             time.sleep(0.05)
@@ -540,7 +528,7 @@ def time_to_step(run_dir: Path, args: list[str], want_step: int, log: Path, time
 def bench_resume(work: Path, reps: int, budget_s: float) -> dict[str, Any]:
     base = work / "resume-base"
     proc = subprocess.run(
-        _train_args(base, "trainer.max_steps=10"), capture_output=True, text=True, cwd=REPO, env=_env(), timeout=600
+        _train_args(base, "trainer.max_steps=10"), capture_output=True, text=True, env=_env(), timeout=600
     )
     if proc.returncode != 0:
         raise RuntimeError(f"base run failed:\n{proc.stderr[-3000:]}")
@@ -574,8 +562,8 @@ def bench_resume(work: Path, reps: int, budget_s: float) -> dict[str, Any]:
             "ours_samples_s": resume_t,
             "baseline_samples_s": fresh_t,
             "ours_bytes": sum(p.stat().st_size for p in (base / "checkpoints" / "step_00000010").iterdir()),
-            "ours": "train.py +experiment=tiny resume_from=auto (checkpoint at step 10): Popen -> step 11 recorded",
-            "baseline": "train.py +experiment=tiny, fresh run dir: Popen -> step 1 recorded",
+            "ours": "resilient_train.cli +experiment=tiny resume_from=auto (checkpoint at step 10): Popen -> step 11",
+            "baseline": "resilient_train.cli +experiment=tiny, fresh run dir: Popen -> step 1 recorded",
             "checkpoint_load_s_in_log": median(load_s) if load_s else None,
             "ratio_is": "median over adjacent (resume, fresh) pairs of resume seconds / fresh seconds",
             "pair_ratios": pair_ratios,
@@ -621,7 +609,7 @@ def print_table(report: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer repetitions and steps (a smoke test)")
-    ap.add_argument("--out", type=Path, default=REPO / "outputs" / "bench" / "bench.json")
+    ap.add_argument("--out", type=Path, default=Path.cwd() / "outputs" / "bench" / "bench.json")
     ap.add_argument("--only", default="", help="comma-separated sections: save,async,loop64,tiny,resume (dev aid)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -651,7 +639,7 @@ def main(argv: list[str] | None = None) -> int:
         from resilient_train.trainer import Trainer
 
         say("magvit64: building the trainer and taking one step (optimizer state must exist)")
-        trainer = Trainer(compose_cfg(["+experiment=magvit64", *LOOP_OVERRIDES]), work / "magvit64")
+        trainer = Trainer(compose(["+experiment=magvit64", *LOOP_OVERRIDES]), work / "magvit64")
         if want("save") or want("async") or want("loop64"):
             trainer.train_step()
         if want("save"):
@@ -666,7 +654,7 @@ def main(argv: list[str] | None = None) -> int:
         del trainer
         if want("tiny"):
             say("loop: tiny")
-            tiny = Trainer(compose_cfg(["+experiment=tiny", *LOOP_OVERRIDES]), work / "tiny")
+            tiny = Trainer(compose(["+experiment=tiny", *LOOP_OVERRIDES]), work / "tiny")
             section(bench_loop, tiny, "tiny", n=10 if q else 20, pairs=2 if q else 6, budget_s=90)
             del tiny
         if want("resume"):
@@ -694,9 +682,7 @@ def main(argv: list[str] | None = None) -> int:
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     bad = [k for k, v in ratios.items() if not (math.isfinite(v) and v > 0)]
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=1, sort_keys=False) + "\n")
-    os.replace(tmp, out)
+    atomic_write(out, json.dumps(report, indent=1, sort_keys=False) + "\n")
     print_table(report)
     print(f"\nwrote {out} in {report['bench_seconds']:.0f}s")
     if bad:

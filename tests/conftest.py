@@ -18,6 +18,11 @@ TRAIN = REPO / "train.py"
 compose_cfg = compose  # the config exactly as ``train.py`` composes it, without running anything
 
 
+def hold(phase: str, step: int | None = None) -> list[str]:
+    """Overrides that park the checkpoint writer at ``phase`` (of ``step``'s save) so a test can SIGKILL it there."""
+    return ["chaos.enabled=true", f"chaos.hold_phase={phase}" + (f"@{step}" if step is not None else "")]
+
+
 @pytest.fixture
 def cfg_tiny():
     return compose_cfg(["+experiment=tiny"])
@@ -26,6 +31,28 @@ def cfg_tiny():
 @pytest.fixture
 def cfg_magvit64():
     return compose_cfg(["+experiment=magvit64"])
+
+
+def train_command(run_dir: Path | None, *overrides: str, experiment: str | None = "tiny") -> list[str]:
+    """``python train.py [+experiment=E] [hydra.run.dir=RUN] trainer.progress_bar=false OVERRIDES``."""
+    args = [sys.executable, str(TRAIN)]
+    if experiment:
+        args.append(f"+experiment={experiment}")
+    if run_dir is not None:
+        args.append(f"hydra.run.dir={run_dir}")
+    return [*args, "trainer.progress_bar=false", *overrides]
+
+
+def train_env(env: dict | None = None) -> dict:
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "1", **(env or {})}
+
+
+def start_train(run_dir: Path, *overrides: str, log: Path, env: dict | None = None) -> subprocess.Popen:
+    """The tiny experiment in the background, its output into ``log``; the caller waits or kills."""
+    with open(log, "ab") as out:
+        return subprocess.Popen(
+            train_command(run_dir, *overrides), stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=train_env(env)
+        )
 
 
 def run_train(
@@ -37,12 +64,8 @@ def run_train(
     check: bool = True,
 ) -> subprocess.CompletedProcess:
     """``python train.py ...`` as a real subprocess writing into ``run_dir``."""
-    args = [sys.executable, str(TRAIN)]
-    if experiment:
-        args.append(f"+experiment={experiment}")
-    args += [f"hydra.run.dir={run_dir}", "trainer.progress_bar=false", *overrides]
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "1", **(env or {})}
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=full_env)
+    args = train_command(run_dir, *overrides, experiment=experiment)
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=train_env(env))
     if check and proc.returncode != 0:
         raise AssertionError(
             f"train.py exited {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-4000:]}"

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
-from conftest import REPO, TRAIN, run_train
+from conftest import REPO, hold, run_train, start_train
 from omegaconf import OmegaConf
 
 from resilient_train.checkpoint import (
@@ -42,7 +42,6 @@ from resilient_train.verify import compare_checkpoints, compare_states
 from resilient_train.verify import main as verify_main
 
 STEP10, STEP20 = step_dir_name(10), step_dir_name(20)
-HOLD_ENV = "RESILIENT_TRAIN_HOLD_SAVE"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -118,8 +117,11 @@ def ten_step_run(tmp_path_factory) -> Path:
 
 def test_trained_checkpoint_loads_rebuilds_model_and_roundtrips_bit_exactly(trained_run, tmp_path):
     ckpt = trained_run / "checkpoints" / STEP20
-    assert verify_files(ckpt).ok
-    state, manifest = load_checkpoint(ckpt)
+    report = verify_files(ckpt)
+    assert report.ok and report.loaded is not None and report.loaded.step == 20
+    loaded = load_checkpoint(ckpt)
+    assert loaded.path == ckpt and loaded.nbytes == report.bytes == report.loaded.nbytes
+    state, manifest = loaded.state, loaded.manifest
 
     # Everything needed for an exact resume is there.
     for key in (
@@ -177,7 +179,8 @@ def test_trained_checkpoint_loads_rebuilds_model_and_roundtrips_bit_exactly(trai
     # Save the loaded state again with a CheckpointManager, reload it, and encode again.
     mgr = CheckpointManager(tmp_path / "again", keep_last=0)
     mgr.save(step, state, tensor_groups=("model", "ema"), metadata={"val_loss": manifest["val_loss"]})
-    state2, manifest2 = load_checkpoint(tmp_path / "again" / STEP20)
+    again = load_checkpoint(tmp_path / "again" / STEP20)
+    state2, manifest2 = again.state, again.manifest
     assert manifest2["step"] == step and manifest2["val_loss"] == manifest["val_loss"]
     assert compare_states(state, state2) is None
     for group in ("model", "ema"):
@@ -297,20 +300,6 @@ def test_corruption_is_detected_naming_the_file(corrupted, capsys, how):
 # 3. SIGKILL of a real training process inside a checkpoint write, at every phase
 
 
-def _start_train(run_dir: Path, *overrides: str, env: dict, log: Path) -> subprocess.Popen:
-    args = [
-        sys.executable,
-        str(TRAIN),
-        "+experiment=tiny",
-        f"hydra.run.dir={run_dir}",
-        "trainer.progress_bar=false",
-        *overrides,
-    ]
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "1", **env}
-    with open(log, "wb") as out:
-        return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=full_env)
-
-
 def _wait_for(path: Path, proc: subprocess.Popen, log: Path, timeout: float = 240) -> None:
     deadline = time.monotonic() + timeout
     while not path.exists():
@@ -327,7 +316,7 @@ def test_sigkill_during_checkpoint_write_never_exposes_a_partial_checkpoint(trai
     shutil.copytree(ten_step_run, run)
     root = run / "checkpoints"
     log = tmp_path / "held.log"
-    proc = _start_train(run, "resume_from=auto", "trainer.max_steps=20", env={HOLD_ENV: f"{phase}@20"}, log=log)
+    proc = start_train(run, "resume_from=auto", "trainer.max_steps=20", *hold(phase, 20), log=log)
     try:
         _wait_for(root / f".held-{phase}-20", proc, log)
         os.kill(proc.pid, signal.SIGKILL)
@@ -345,7 +334,7 @@ def test_sigkill_during_checkpoint_write_never_exposes_a_partial_checkpoint(trai
     for p in mgr.committed():
         report = verify_files(p)
         assert report.ok, report.errors
-    assert mgr.latest_valid(move_aside_invalid=False) == root / expected[-1]
+    assert mgr.latest_valid(move_aside_invalid=False).path == root / expected[-1]
     temps = [p for p in root.iterdir() if p.name.startswith(".tmp-")]
     if phase == "after_rename":
         assert temps == []
@@ -505,7 +494,7 @@ def test_retention_keep_last_1_keeps_newest_and_best(run60, tmp_path):
     best = mgr.best()
     assert best["step"] == _best_eval(run)["step"]
     assert sorted(p.name for p in root.iterdir()) == sorted({step_dir_name(65), best["path"], "best.json"})
-    assert mgr.latest_valid(move_aside_invalid=False) == root / step_dir_name(65)
+    assert mgr.latest_valid(move_aside_invalid=False).path == root / step_dir_name(65)
 
 
 def _small_state(step: int) -> dict:
@@ -524,7 +513,7 @@ def test_manager_purge_unit(tmp_path):
         mgr.save(step, _small_state(step), tensor_groups=("model",), on_commit=on_commit)
         assert step in _steps(mgr) and verify_files(mgr.root / step_dir_name(step)).ok
     assert _steps(mgr) == [2, 5, 6]
-    state, _ = load_checkpoint(mgr.root / step_dir_name(6))
+    state = load_checkpoint(mgr.root / step_dir_name(6)).state
     assert torch.equal(state["model"]["w"], torch.full((4,), 6.0)) and state["trainer"]["step"] == 6
 
     # keep_last=1: only the newest (just saved) remains.
@@ -560,7 +549,7 @@ def test_manager_incomplete_dirs_do_not_count(tmp_path):
     assert (root / step_dir_name(3)).is_dir() and verify_files(root / step_dir_name(3)).ok
     assert not (root / step_dir_name(2)).exists()
     assert all(d.is_dir() for d in (tmp, trash, aside, incomplete))
-    assert mgr.latest_valid(move_aside_invalid=False) == root / step_dir_name(3)
+    assert mgr.latest_valid(move_aside_invalid=False).path == root / step_dir_name(3)
 
     removed = mgr.cleanup_temporaries()
     assert sorted(removed) == sorted([tmp, trash])

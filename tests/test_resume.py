@@ -13,22 +13,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, TRAIN, run_train
+from conftest import hold, run_train, start_train, train_command, train_env
 
 from resilient_train.checkpoint import CheckpointManager, read_manifest, step_dir_name, verify_files
 from resilient_train.monitor import read_history
 from resilient_train.verify import compare_checkpoints, verify_checkpoint
 
-HOLD_ENV = "RESILIENT_TRAIN_HOLD_SAVE"  # test hook of CheckpointManager: park the writer at a save phase
 EXIT_PREEMPTED, EXIT_ABORTED, EXIT_CONFIG_ERROR = 75, 130, 2
 STEPS_PER_EPOCH = 24  # tiny: 48 train clips, batch 1, grad_accum_steps 2
 
@@ -82,15 +79,8 @@ def assert_same_training(ref: Path, other: Path, steps: int, *, skip_evals: tupl
 
 def train_raw(*args: str, cwd: Path, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     """``python train.py ARGS`` with nothing added (no ``+experiment``, no ``hydra.run.dir``)."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "1", **(env or {})}
-    return subprocess.run(
-        [sys.executable, str(TRAIN), "trainer.progress_bar=false", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=cwd,
-        env=full_env,
-    )
+    args = train_command(None, *args, experiment=None)
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, cwd=cwd, env=train_env(env))
 
 
 class Runs:
@@ -102,17 +92,7 @@ class Runs:
     def start(self, run_dir: Path, *overrides: str, env: dict | None = None) -> subprocess.Popen:
         run_dir.parent.mkdir(parents=True, exist_ok=True)
         log = run_dir.parent / f"{run_dir.name}.{len(self.procs)}.out"
-        args = [
-            sys.executable,
-            str(TRAIN),
-            "+experiment=tiny",
-            f"hydra.run.dir={run_dir}",
-            "trainer.progress_bar=false",
-            *overrides,
-        ]
-        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "1", **(env or {})}
-        with open(log, "w") as out:
-            proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=full_env)
+        proc = start_train(run_dir, *overrides, log=log, env=env)
         self.procs.append((proc, log))
         return proc
 
@@ -197,6 +177,9 @@ def test_resume_from_run_dir_alone_matches_continuous_run(ref30, half10, tmp_pat
     assert proc.returncode == 0, output(proc)[-4000:]
     assert list(cwd.iterdir()) == [], "resume_from=RUN must write into RUN, not a new Hydra output dir"
     assert f"resume step=10 epoch=0 batch_in_epoch=20 path={ckpt(run, 10)}" in output(proc)
+    # The chosen checkpoint is read and hashed once: every full read logs one ckpt.read line.
+    reads = [line for line in output(proc).splitlines() if "ckpt.read " in line]
+    assert len(reads) == 1 and f"path={ckpt(run, 10)} " in reads[0], reads
     assert records(run, "train")[-1]["epoch"] == 1  # crossed the epoch end (step 24)
     assert_same_training(ref30, run, 30)
     assert json.loads((run / "heartbeat.json").read_text())["status"] == "finished"
@@ -387,7 +370,7 @@ def test_resume_auto_in_empty_dir_starts_fresh_and_plain_start_on_checkpoints_is
 def test_second_writer_is_refused_and_lock_is_taken_over_after_sigkill(ref30, runs, tmp_path):
     run = tmp_path / "run"
     # The first writer parks inside the save of step 20 (step 10 is committed), holding the lock.
-    proc = runs.start(run, "trainer.max_steps=30", env={HOLD_ENV: "files_written@20"})
+    proc = runs.start(run, "trainer.max_steps=30", *hold("files_written", 20))
     held = run / "checkpoints" / ".held-files_written-20"
     runs.wait_until(proc, lambda: held.exists() and (run / "heartbeat.json").exists(), "the held save at step 20")
     assert json.loads((run / "heartbeat.json").read_text())["pid"] == proc.pid
@@ -395,7 +378,7 @@ def test_second_writer_is_refused_and_lock_is_taken_over_after_sigkill(ref30, ru
     assert temporaries
 
     second = run_train(run, "trainer.max_steps=30", "resume_from=auto", check=False)
-    assert second.returncode == 1, output(second)[-4000:]
+    assert second.returncode == EXIT_CONFIG_ERROR, output(second)[-4000:]
     assert f"pid {proc.pid}" in second.stderr and "in use by another training process" in second.stderr
     assert proc.poll() is None, "the first writer must be unaffected"
     # The refused process touched nothing: the first writer's temporary directory is still there.
@@ -417,7 +400,7 @@ def test_second_sigint_exits_at_once_leaving_committed_checkpoints_valid(half10,
     run = tmp_path / "run"
     # Every save parks at "files_written", so the second Ctrl-C lands while the first one's
     # checkpoint is still being written.
-    proc = runs.start(run, "trainer.max_steps=30", env={HOLD_ENV: "files_written"})
+    proc = runs.start(run, "trainer.max_steps=30", *hold("files_written"))
     runs.wait_until(proc, lambda: last_train_step(run) >= 3, "step 3")
     proc.send_signal(signal.SIGINT)
     runs.wait_until(proc, lambda: any((run / "checkpoints").glob(".held-files_written-*")), "the save after SIGINT")
@@ -469,7 +452,7 @@ def test_missing_rng_key_is_an_error(half10, tmp_path):
     assert verify_files(target).ok, "the edited checkpoint must still pass the file checks"
 
     proc = run_train(run, f"resume_from={target}", "trainer.max_steps=12", experiment=None, check=False)
-    assert proc.returncode != 0, output(proc)[-4000:]
+    assert proc.returncode == EXIT_CONFIG_ERROR, output(proc)[-4000:]
     assert "RNG state lacks ['torch']" in proc.stderr
     assert records(run, "train") == [], "no step may run with unrestored RNG state"
     assert committed(run) == [step_dir_name(10)]
@@ -504,7 +487,7 @@ def test_environment_mismatch_is_refused(half10, tmp_path):
     run = copy_run(half10, tmp_path / "run")
     env = {"MKL_CBWR": "AUTO"}
     proc = run_train(run, f"resume_from={run}", "trainer.max_steps=12", experiment=None, env=env, check=False)
-    assert proc.returncode != 0, output(proc)[-4000:]
+    assert proc.returncode == EXIT_CONFIG_ERROR, output(proc)[-4000:]
     assert "the environment differs" in proc.stderr and "determinism_env" in proc.stderr
     assert "MKL_CBWR" in proc.stderr
     assert committed(run) == [step_dir_name(10)] and records(run, "train") == records(half10, "train")

@@ -51,7 +51,8 @@ def test_warmup_reaches_the_real_base_lr_and_discriminator_steps_once(trained_ru
     assert lr[1] == pytest.approx(base * 2 / warmup, rel=1e-12)
     assert lr[warmup] == pytest.approx(base, rel=1e-12)
     assert lr[20] < base
-    state, manifest = load_checkpoint(trained_run / "checkpoints" / "step_00000020")
+    loaded = load_checkpoint(trained_run / "checkpoints" / "step_00000020")
+    state, manifest = loaded.state, loaded.manifest
     for key in ("optim_gen", "optim_discr"):
         steps = {float(s["step"]) for s in state[key]["state"].values()}
         assert steps == {20.0}, (key, steps)
@@ -98,7 +99,7 @@ def test_folder_errors_name_the_folder(tmp_path):
     assert proc.returncode == 2
     assert str(empty) in proc.stderr
     proc = run_train(tmp_path / "run2", "data=folder", "trainer.max_steps=2", check=False)
-    assert proc.returncode != 0 and "data.path" in proc.stderr + proc.stdout
+    assert proc.returncode == 2 and "data.path" in proc.stderr + proc.stdout
 
 
 def test_train_py_works_from_another_working_directory(tmp_path):

@@ -7,6 +7,7 @@ failure can be replayed. Each event is appended to ``<run_dir>/chaos_events.json
 a step does not die there again.
 
 Chaos never draws from the process-global RNGs, so it cannot change the bits of training.
+``ChaosSchedule`` and ``read_events`` are torch-free (the orchestrator uses them).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import SAVE_PHASES, CheckpointManager
+from .checkpoint.layout import SAVE_PHASES, committed
+from .observers import Observer
 
 __all__ = ["Chaos", "ChaosSchedule", "EVENT_KINDS", "EVENTS_FILE", "read_events", "corrupt_checkpoint"]
 
@@ -98,13 +100,21 @@ def corrupt_checkpoint(ckpt: Path, how: str, seed: int = 0) -> str:
     return target.name
 
 
-class Chaos:
-    """The trainer-side agent that carries out the schedule."""
+class Chaos(Observer):
+    """The trainer-side agent that carries out the schedule: a step observer and a save hook.
 
-    def __init__(self, cfg: Any, run_dir: Path, ckpt: CheckpointManager) -> None:
+    Also the home of the two seams the tests need, so that no production object has one:
+    ``chaos.hold_phase`` parks the checkpoint writer at a save phase (a test then SIGKILLs it
+    there), and ``chaos.skip_restore`` is the negative control, which damages the *loaded* state
+    before the trainer sees it, so the proof can be shown to fail.
+    """
+
+    def __init__(self, cfg: Any, run_dir: Path) -> None:
         self.schedule = ChaosSchedule(cfg)
         self.run_dir = Path(run_dir)
-        self.ckpt = ckpt
+        self.skip_restore = str(cfg.skip_restore)
+        phase, _, step = str(cfg.hold_phase).partition("@")
+        self.hold = (phase, int(step) if step else None) if phase else None
         self.fired = {(e.get("kind"), e.get("step")) for e in read_events(self.run_dir)}
         log.info(
             "chaos.enabled seed=%d rates=%s already_fired=%d", self.schedule.seed, self.schedule.rates, len(self.fired)
@@ -128,8 +138,20 @@ class Chaos:
         os.kill(os.getpid(), signal.SIGKILL)
         time.sleep(60)  # not reached
 
-    def on_step_end(self, step: int) -> None:
+    def on_resume(self, trainer: Any, state: dict[str, Any]) -> None:
+        """Negative control: drop one restored part from the loaded state, so the proof must fail."""
+        rank = state["ranks"][str(trainer.rank.rank)]
+        if self.skip_restore == "rng":
+            log.warning("chaos.skip_restore=rng: NOT restoring RNG state (negative control)")
+            rank["rng"] = trainer.rank.rng.state_dict()  # the generators as they are now: nothing restored
+        elif self.skip_restore == "data":
+            log.warning("chaos.skip_restore=data: NOT restoring the data position (negative control)")
+            step = int(state["trainer"]["step"])
+            rank["data"] = {"epoch": step * trainer.accum // trainer.batches_per_epoch, "batch_in_epoch": 0}
+
+    def on_step(self, trainer: Any, record: dict[str, Any]) -> None:
         """After the optimizer step, before the step's checkpoint."""
+        step = record["step"]
         if self._due("step_kill", step):
             self._record("step_kill", step)
             self._die()
@@ -139,20 +161,25 @@ class Chaos:
 
     def save_hook(self, phase: str, step: int, where: Path) -> None:
         """Called by the checkpoint manager at each save stage (maybe on the background thread)."""
+        if self.hold is not None and self.hold[0] == phase and self.hold[1] in (None, step):
+            (where.parent / f".held-{phase}-{step}").write_text(str(where))
+            log.warning("ckpt.hold phase=%s step=%d path=%s (chaos.hold_phase)", phase, step, where)
+            while True:
+                time.sleep(1)
         if self._due("save_kill", step) and self.schedule.save_phase(step) == phase:
             self._record("save_kill", step, phase=phase, path=str(where))
             self._die()
 
-    def after_checkpoint(self, step: int) -> None:
+    def on_saved(self, trainer: Any, step: int) -> None:
         """After the step's checkpoint (if any): damage the newest committed one, then crash."""
         if not self._due("corrupt", step):
             return
-        self.ckpt.wait()
-        committed = self.ckpt.committed()
-        if not committed:
+        trainer.ckpt.wait()
+        found = committed(trainer.ckpt.root)
+        if not found:
             return
         how = self.schedule.corruption(step)
-        target = committed[-1]
+        target = found[-1]
         self._record("corrupt", step, how=how, path=str(target))
         name = corrupt_checkpoint(target, how, seed=self.schedule.seed + step)
         log.warning("chaos.corrupted path=%s file=%s how=%s", target, name, how)

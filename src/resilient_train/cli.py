@@ -1,38 +1,48 @@
-"""``python train.py [overrides]``: Hydra entry point, resume resolution, config-drift guard, run lock.
+"""``python train.py [overrides]``: the Hydra entry point, the run lock and the one exit-code boundary.
 
-Exit status: 0 finished; 75 stopped by SIGTERM/SIGINT after committing a checkpoint (run the
-same command with ``resume_from=auto`` to continue); 2 bad configuration, bad resume path or
-refused config drift; 1 any other error; 130 a second SIGINT (immediate exit).
+Exit status:
+
+* 0 finished;
+* 2 refused before training started, for a reason the user can fix: an unknown key (also one
+  added with ``+``), a bad value, a bad ``resume_from``, a refused config drift, a checkpoint that
+  is invalid or incomplete, an environment that cannot reproduce the bits, a run directory in use;
+* 1 a failure after ``train.start`` (logged with its traceback in ``train.log``);
+* 75 stopped by SIGTERM/SIGINT after committing a checkpoint (run the same command with
+  ``resume_from=auto`` to continue); 130 a second SIGINT (immediate exit).
+
+The path of a resume, from the command line to the first batch, is in :mod:`resilient_train.resume`.
 """
 
 from __future__ import annotations
 
 import fcntl
-import json
 import logging
 import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from .checkpoint import CheckpointError, CheckpointManager, move_aside, parse_step, read_manifest, verify_files
-from .config import CONFIG_DIR, flatten, is_resume_safe, register_configs, to_plain, validate_config
+from .checkpoint import CheckpointError, CheckpointManager
+from .checkpoint.layout import CHECKPOINTS_DIR, run_dir_of
+from .config import CONFIG_DIR, register_configs, validate_config
+from .fsio import atomic_write
+from .resume import StartupError, check_added_keys, plan_resume, take_over_timeline
 
-__all__ = ["main", "resolve_resume", "ConfigDriftError", "RunLock", "EXIT_CONFIG_ERROR", "checkpoint_config"]
+__all__ = ["main", "run", "start", "RunLock", "EXIT_CONFIG_ERROR", "EXIT_FAILED"]
 
 log = logging.getLogger(__name__)
 
+EXIT_FAILED = 1
 EXIT_CONFIG_ERROR = 2
-CONFIG_GROUPS = {"experiment", "model", "data", "optimizer", "trainer", "checkpoint", "chaos"}
+#: What refuses a start with exit 2 (``StartupError``, ``StateError``, ``VideoReadError`` and
+#: ``ConfigDriftError`` are ``ValueError``s); raised after ``train.start``, the same classes exit 1.
+REFUSALS = (ValueError, CheckpointError, FileNotFoundError)
 
-
-class ConfigDriftError(ValueError):
-    """An override on resume would change the result."""
+_task_started = False
 
 
 class RunLock:
@@ -54,7 +64,7 @@ class RunLock:
         except BlockingIOError:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
-            raise RuntimeError(
+            raise StartupError(
                 f"run directory {self.path.parent} is in use by another training process (pid {holder}); "
                 "wait for it to exit or choose another hydra.run.dir"
             ) from None
@@ -66,16 +76,6 @@ class RunLock:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
-
-
-def _is_checkpoint_dir(path: Path) -> bool:
-    return (path / "manifest.json").exists() or path.name.startswith("step_")
-
-
-def run_dir_of(path: Path) -> Path:
-    """The run directory holding a checkpoint (``RUN/checkpoints/step_N``) or the run directory itself."""
-    path = path.resolve()
-    return path.parent.parent if _is_checkpoint_dir(path) else path
 
 
 def _argv_value(argv: list[str], key: str) -> str | None:
@@ -105,128 +105,59 @@ def prepare_argv(argv: list[str]) -> list[str]:
     return argv
 
 
-def checkpoint_config(ckpt: Path) -> dict[str, Any]:
-    """The fully resolved config stored in a (verified) checkpoint."""
-    report = verify_files(ckpt)
-    if not report.ok:
-        raise CheckpointError("; ".join(report.errors))
-    data = json.loads((ckpt / "state.json").read_text())
-    if "config" not in data:
-        raise CheckpointError(f"{ckpt / 'state.json'}: holds no config")
-    return data["config"]
+def start(cfg: DictConfig, run_dir: Path, overrides: list[str], lock: RunLock):
+    """Everything that can refuse a start, then the trainer ready at its first step (see :mod:`.resume`)."""
+    from .chaos import Chaos
+    from .trainer import Trainer
 
-
-def _group_override(ov: str) -> bool:
-    key = ov.lstrip("+~").partition("=")[0]
-    return "." not in key and "/" not in key and key.split("@")[0] in CONFIG_GROUPS
-
-
-def resolve_resume(cfg: DictConfig, overrides: list[str], run_dir: Path) -> tuple[DictConfig, Path | None, list[str]]:
-    """Which checkpoint to resume from, and the config to run with. Returns ``(cfg, ckpt, changes)``."""
-    rf = cfg.resume_from
-    if rf is None:
-        return cfg, None, []
-    own = CheckpointManager(run_dir / "checkpoints")
-    if rf == "auto":
-        ckpt = own.latest_valid(move_aside_invalid=True)
-        if ckpt is None:
-            log.info("resume.none run_dir=%s: no valid checkpoint yet, starting fresh", run_dir)
-            return cfg, None, []
-    else:
-        path = Path(rf).expanduser().resolve()
-        if not path.exists():
-            raise FileNotFoundError(f"resume_from={rf}: no such checkpoint or run directory: {path}")
-        if _is_checkpoint_dir(path):
-            report = verify_files(path)
-            if not report.ok:
-                raise CheckpointError(f"resume_from={rf} is not a valid checkpoint: {'; '.join(report.errors)}")
-            ckpt = path
-        else:
-            mgr = CheckpointManager(path / "checkpoints")
-            ckpt = mgr.latest_valid(move_aside_invalid=path == run_dir.resolve())
-            if ckpt is None:
-                raise FileNotFoundError(f"resume_from={rf}: no valid checkpoint under {path / 'checkpoints'}")
-    saved = OmegaConf.create(checkpoint_config(ckpt))
-    if any(_group_override(o) for o in overrides):
-        candidate = OmegaConf.create(to_plain(cfg))  # the command line names a full experiment: compare it all
-    else:
-        candidate = OmegaConf.create(to_plain(saved))
-        for ov in overrides:
-            key, _, value = ov.lstrip("+").partition("=")
-            if key.startswith("hydra.") or key == "resume_from" or ov.startswith("~"):
-                continue
-            OmegaConf.update(candidate, key, OmegaConf.select(cfg, key), force_add=True)
-    candidate.resume_from = rf
-    changes = config_diff(saved, candidate)
-    refused = [c for c in changes if not is_resume_safe(c.split(":")[0])]
-    if refused:
-        if not cfg.resume.allow_config_change:
-            raise ConfigDriftError(
-                f"resuming from {ckpt} with a config that would change the result:\n  "
-                + "\n  ".join(refused)
-                + "\nUndo these overrides, or pass resume.allow_config_change=true to accept the change "
-                "(it is logged and recorded in the next checkpoint's manifest)."
-            )
-        log.warning("resume.config_change allowed by resume.allow_config_change: %s", "; ".join(refused))
-    # Re-apply the schema so the resumed config is type-checked like a fresh one.
-    merged = OmegaConf.merge(OmegaConf.structured(_schema()), candidate)
-    return merged, ckpt, refused
-
-
-def _schema():
-    from .config import TrainConfig
-
-    return TrainConfig
-
-
-def config_diff(old: Any, new: Any) -> list[str]:
-    a, b = flatten(to_plain(old)), flatten(to_plain(new))
-    return [
-        f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}"
-        for k in sorted(set(a) | set(b))
-        if a.get(k, "<absent>") != b.get(k, "<absent>")
-    ]
+    check_added_keys(overrides)
+    lock.acquire()
+    CheckpointManager(run_dir / CHECKPOINTS_DIR).cleanup_temporaries()
+    plan = plan_resume(cfg, overrides, run_dir)
+    validate_config(plan.cfg)
+    chaos = Chaos(plan.cfg.chaos, run_dir) if plan.cfg.chaos.enabled else None
+    trainer = Trainer(
+        plan.cfg,
+        run_dir,
+        config_changes=plan.changes,
+        observers=[chaos] if chaos else [],
+        save_hooks=[chaos.save_hook] if chaos else [],
+    )
+    if plan.loaded is not None:
+        if chaos is not None:
+            chaos.on_resume(trainer, plan.loaded.state)
+        trainer.restore(plan.loaded)
+    take_over_timeline(run_dir, plan.loaded)
+    atomic_write(run_dir / "config.yaml", OmegaConf.to_yaml(plan.cfg))
+    t = trainer.cfg.trainer
+    resumed = plan.loaded.path if plan.loaded else None
+    log.info(
+        "train.start run_dir=%s experiment=%s max_steps=%d resume=%s threads=%d",
+        run_dir,
+        trainer.cfg.experiment,
+        t.max_steps,
+        resumed,
+        t.num_threads,
+    )
+    return trainer
 
 
 def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> int:
-    from .trainer import Trainer, truncate_history
-
-    if cfg.resume_from is None:
-        validate_config(cfg)
+    """Start (refusals exit 2), then train (failures exit 1); the run lock is held throughout."""
     lock = RunLock(run_dir)
-    lock.acquire()
     try:
-        mgr = CheckpointManager(run_dir / "checkpoints")
-        mgr.cleanup_temporaries()
-        if cfg.resume_from is None and mgr.committed():
-            raise ValueError(
-                f"{run_dir} already holds checkpoints ({mgr.committed()[-1].name}, ...); pass resume_from=auto to "
-                "continue that run, or choose another hydra.run.dir"
-            )
-        cfg, ckpt, changes = resolve_resume(cfg, overrides, run_dir)
-        validate_config(cfg)
-        if ckpt is not None:
-            step = read_manifest(ckpt)["step"]
-            # Resuming from an older point (of this run or another) forks the timeline: later
-            # checkpoints in this run directory must not be picked up by a later resume_from=auto.
-            for newer in [p for p in mgr.committed() if p != ckpt and parse_step(p.name) > step]:
-                move_aside(newer, "superseded")
-            dropped = truncate_history(run_dir, step)
-            if dropped:
-                log.info("resume.history_truncated records=%d after step=%d", dropped, step)
-        elif ckpt is None and (run_dir / "history.jsonl").exists() and not mgr.committed():
-            truncate_history(run_dir, 0)
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
-        trainer = Trainer(cfg, run_dir, config_changes=changes)
-        log.info(
-            "train.start run_dir=%s experiment=%s max_steps=%d resume=%s threads=%d",
-            run_dir,
-            cfg.experiment,
-            cfg.trainer.max_steps,
-            ckpt,
-            cfg.trainer.num_threads,
-        )
-        return trainer.fit(ckpt)
+        try:
+            trainer = start(cfg, run_dir, overrides, lock)
+        except REFUSALS as exc:
+            log.error("train.refused %s: %s", type(exc).__name__, exc)
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_CONFIG_ERROR
+        try:
+            return trainer.fit()
+        except Exception as exc:
+            log.error("train.failed %s: %s", type(exc).__name__, exc, exc_info=True)
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_FAILED
     finally:
         lock.release()
 
@@ -236,20 +167,10 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 def _hydra_main(cfg: DictConfig) -> None:
+    global _task_started
+    _task_started = True
     hc = HydraConfig.get()
-    run_dir = Path(hc.runtime.output_dir)
-    overrides = list(hc.overrides.task)
-    try:
-        code = run(cfg, run_dir, overrides)
-    except (ValueError, FileNotFoundError, CheckpointError, KeyError) as exc:
-        log.error("%s: %s", type(exc).__name__, exc)
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(EXIT_CONFIG_ERROR) from None
-    except RuntimeError as exc:
-        log.error("%s: %s", type(exc).__name__, exc)
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(1) from None
-    raise SystemExit(code)
+    raise SystemExit(run(cfg, Path(hc.runtime.output_dir), list(hc.overrides.task)))
 
 
 def main() -> None:
@@ -257,7 +178,19 @@ def main() -> None:
     # not the user's to act on.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"(torch|magvit2_pytorch|vector_quantize)")
     sys.argv = [sys.argv[0], *prepare_argv(sys.argv[1:])]
-    _hydra_main()
+    try:
+        _hydra_main()
+    except SystemExit as exc:
+        # Hydra exits 1 for an unknown key, a value of the wrong type or a bad override, all found
+        # while composing the config, before our task runs: that is a refused start.
+        if exc.code == 1 and not _task_started:
+            raise SystemExit(EXIT_CONFIG_ERROR) from None
+        raise
+    except Exception as exc:  # the same, raised as such under HYDRA_FULL_ERROR=1
+        if _task_started:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(EXIT_CONFIG_ERROR) from None
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ problem in one ``ValueError``.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 __all__ = [
     "CONFIG_DIR",
@@ -25,6 +26,7 @@ __all__ = [
     "validate_config",
     "config_hash",
     "to_plain",
+    "typed",
     "RESUME_SAFE_KEYS",
 ]
 
@@ -146,8 +148,10 @@ class ChaosConfig:
     save_kill_steps: list[int] = field(default_factory=list)
     sigterm_steps: list[int] = field(default_factory=list)
     corrupt_steps: list[int] = field(default_factory=list)
-    # Test-only: skip restoring one piece of state on resume ("", "rng", "data") to show the proof can fail.
+    # Negative control: on resume, drop one restored part ("", "rng", "data") so the proof must fail.
     skip_restore: str = ""
+    # For tests: park the checkpoint writer at a save phase ("<phase>" or "<phase>@<step>") to SIGKILL it there.
+    hold_phase: str = ""
 
 
 @dataclass
@@ -198,10 +202,20 @@ def compose(overrides: list[str]) -> DictConfig:
         return hydra_compose(config_name="train", overrides=overrides)
 
 
-def to_plain(cfg: Any) -> dict:
-    if isinstance(cfg, DictConfig):
-        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+def to_plain(cfg: Any) -> Any:
+    """Plain dicts and lists from a DictConfig, ListConfig or config dataclass; anything else as is."""
+    if isinstance(cfg, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(cfg, resolve=True)
+    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+        return dataclasses.asdict(cfg)
     return cfg
+
+
+def typed(cfg: DictConfig | TrainConfig) -> TrainConfig:
+    """The composed config as a :class:`TrainConfig` object: attribute access with the schema's types."""
+    if isinstance(cfg, TrainConfig):
+        return cfg
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg))  # type: ignore[return-value]
 
 
 def config_hash(cfg: Any, drop: tuple[str, ...] = RESUME_SAFE_KEYS) -> str:
@@ -228,6 +242,7 @@ def is_resume_safe(key: str, safe: tuple[str, ...] = RESUME_SAFE_KEYS) -> bool:
 
 def validate_config(cfg: Any) -> None:
     """Check values a type cannot; raise one ``ValueError`` listing every bad key."""
+    from .checkpoint.layout import SAVE_PHASES
     from .model import time_downsample_factor
 
     errors: list[str] = []
@@ -263,7 +278,7 @@ def validate_config(cfg: Any) -> None:
             f"(2 ** number of compress_time layers); for 16 frames set model.video_contains_first_frame=false",
         )
     except (TypeError, ValueError) as exc:
-        errors.append(f"model.layers={OmegaConf.to_container(m.layers)!r}: {exc}")
+        errors.append(f"model.layers={to_plain(m.layers)!r}: {exc}")
     need(
         m.perceptual_loss_weight == 0 or bool(m.vgg_weights_path),
         "model.vgg_weights_path",
@@ -304,6 +319,13 @@ def validate_config(cfg: Any) -> None:
         "chaos.skip_restore",
         cfg.chaos.skip_restore,
         "must be '', 'rng' or 'data'",
+    )
+    hold_phase, _, hold_step = str(cfg.chaos.hold_phase).partition("@")
+    need(
+        hold_phase in ("", *SAVE_PHASES) and (not hold_step or hold_step.isdigit()),
+        "chaos.hold_phase",
+        cfg.chaos.hold_phase,
+        f"must be '' or one of {list(SAVE_PHASES)}, optionally followed by @STEP",
     )
     if errors:
         raise ValueError("invalid configuration:\n  " + "\n  ".join(errors))

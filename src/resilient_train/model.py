@@ -13,23 +13,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 
-__all__ = ["build_model", "model_kwargs", "time_downsample_factor", "generator_state_keys"]
+from .config import to_plain
+
+__all__ = ["build_model", "model_kwargs", "time_downsample_factor"]
 
 log = logging.getLogger(__name__)
-
-
-def _plain(cfg: Any) -> Any:
-    if isinstance(cfg, DictConfig) or OmegaConf.is_list(cfg):
-        return OmegaConf.to_container(cfg, resolve=True)
-    return cfg
 
 
 def _layers(raw: Any) -> tuple:
     """``["residual", ["compress_space", 64]]`` -> ``("residual", ("compress_space", 64))``."""
     out = []
-    for item in _plain(raw):
+    for item in to_plain(raw):
         if isinstance(item, (list, tuple)):
             name, *args = item
             out.append((str(name), *[int(a) for a in args]))
@@ -50,7 +45,7 @@ def time_downsample_factor(model_cfg: Any) -> int:
 def model_kwargs(model_cfg: Any) -> dict[str, Any]:
     """Keyword arguments for ``magvit2_pytorch.VideoTokenizer``, with the types beartype checks."""
     m = model_cfg
-    discr = _plain(m.discr)
+    discr = to_plain(m.discr)
     return dict(
         image_size=int(m.image_size),
         channels=int(m.channels),
@@ -58,7 +53,7 @@ def model_kwargs(model_cfg: Any) -> dict[str, Any]:
         max_dim=float(m.max_dim) if m.max_dim is not None else float("inf"),
         layers=_layers(m.layers),
         use_fsq=True,
-        fsq_levels=[int(v) for v in _plain(m.fsq_levels)],
+        fsq_levels=[int(v) for v in to_plain(m.fsq_levels)],
         num_codebooks=int(m.num_codebooks),
         attn_dim_head=int(m.attn_dim_head),
         attn_heads=int(m.attn_heads),
@@ -72,10 +67,10 @@ def model_kwargs(model_cfg: Any) -> dict[str, Any]:
             image_size=int(m.image_size),
             channels=int(m.channels),
             max_dim=int(discr["max_dim"]),
-            attn_heads=int(discr.get("attn_heads", 2)),
-            attn_dim_head=int(discr.get("attn_dim_head", 16)),
-            linear_attn_heads=int(discr.get("linear_attn_heads", 2)),
-            linear_attn_dim_head=int(discr.get("linear_attn_dim_head", 8)),
+            attn_heads=int(discr["attn_heads"]),
+            attn_dim_head=int(discr["attn_dim_head"]),
+            linear_attn_heads=int(discr["linear_attn_heads"]),
+            linear_attn_dim_head=int(discr["linear_attn_dim_head"]),
         ),
     )
 
@@ -107,8 +102,3 @@ def build_model(model_cfg: Any) -> torch.nn.Module:
     if kwargs["perceptual_loss_weight"] > 0:
         kwargs["vgg"] = _local_vgg(model_cfg.vgg_weights_path)
     return VideoTokenizer(**kwargs)
-
-
-def generator_state_keys(model: torch.nn.Module) -> list[str]:
-    """State-dict keys of the generator (everything but the discriminators), in a stable order."""
-    return [k for k in model.state_dict() if not k.startswith(("discr.", "multiscale_discrs."))]

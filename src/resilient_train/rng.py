@@ -51,7 +51,11 @@ class RNGState:
             state["cuda"] = [s.cpu() for s in torch.cuda.get_rng_state_all()]
         return state
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    @staticmethod
+    def check(state: Any) -> None:
+        """Raise :class:`RNGRestoreError` unless ``state`` can be restored exactly here (nothing is applied)."""
+        if not isinstance(state, dict):
+            raise RNGRestoreError(f"checkpoint RNG state is a {type(state).__name__}, not a mapping")
         missing = [k for k in ("python", "numpy", "torch", "cuda") if k not in state]
         if missing:
             raise RNGRestoreError(f"checkpoint RNG state lacks {missing}; cannot resume bit-exactly")
@@ -62,6 +66,10 @@ class RNGState:
                 f"checkpoint holds RNG state for {n_saved} CUDA device(s) but {n_here} are visible here; "
                 "resume on a machine with the same devices (or set CUDA_VISIBLE_DEVICES to match)"
             )
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.check(state)
+        n_saved = len(state["cuda"])
         py = state["python"]
         random.setstate((int(py["version"]), tuple(int(v) for v in py["state"].tolist()), py["gauss"]))
         np_ = state["numpy"]

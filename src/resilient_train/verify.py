@@ -23,21 +23,15 @@ from typing import Any
 
 import torch
 
-from .checkpoint import CheckpointError, CheckpointManager, load_checkpoint, verify_files
+from .checkpoint import CheckpointError, load_checkpoint, verify_files
+from .checkpoint.layout import checkpoints_under
 from .config import flatten, is_resume_safe
+from .trainer import REQUIRED_PARTS
 
 __all__ = ["verify_checkpoint", "compare_checkpoints", "compare_states", "checkpoints_under", "main"]
 
 # State keys that do not describe the training state itself.
 IGNORED_STATE_KEYS = {"config_changes"}
-
-
-def checkpoints_under(path: Path) -> list[Path]:
-    path = Path(path)
-    if (path / "manifest.json").exists() or path.name.startswith("step_"):
-        return [path]
-    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    return CheckpointManager(root).committed()
 
 
 def _opt_steps(opt_state: dict[str, Any]) -> set[int]:
@@ -56,18 +50,14 @@ def verify_checkpoint(ckpt: Path, *, check_model: bool = True) -> dict[str, Any]
         "errors": [],
         "checks": [],
     }
-    report = verify_files(ckpt)
+    report = verify_files(ckpt)  # the one read of the checkpoint
     result["bytes"] = report.bytes
     result["step"] = report.step
     if not report.ok:
         result["errors"] = report.errors
         return result
     result["checks"].append("files: manifest, sizes, sha256, safe load")
-    try:
-        state, manifest = load_checkpoint(ckpt)
-    except CheckpointError as exc:
-        result["errors"].append(str(exc))
-        return result
+    state, manifest = report.loaded.state, report.loaded.manifest
     errors = result["errors"]
     step = manifest["step"]
     result["epoch"] = manifest.get("epoch")
@@ -88,7 +78,7 @@ def verify_checkpoint(ckpt: Path, *, check_model: bool = True) -> dict[str, Any]
         last = state.get(key, {}).get("last_epoch")
         if last is not None and last != step:
             errors.append(f"{ckpt / 'state.json'}: {key}.last_epoch {last} != {step}")
-    for key in ("model", "optim_gen", "optim_discr", "trainer", "ranks", "config"):
+    for key in (*REQUIRED_PARTS, "config", "env"):
         if key not in state:
             errors.append(f"{ckpt}: state lacks {key!r}")
     if cfg and cfg.get("trainer", {}).get("ema", {}).get("enabled") and "ema" not in state:
@@ -177,10 +167,10 @@ def compare_states(a: Any, b: Any, path: str = "") -> str | None:
 
 
 def compare_checkpoints(a: Path, b: Path) -> str | None:
-    sa, ma = load_checkpoint(a)
-    sb, mb = load_checkpoint(b)
-    if ma["step"] != mb["step"]:
-        return f"manifest/step: {ma['step']} vs {mb['step']}"
+    la, lb = load_checkpoint(a), load_checkpoint(b)
+    if la.step != lb.step:
+        return f"manifest/step: {la.step} vs {lb.step}"
+    sa, sb = la.state, lb.state
     for s in (sa, sb):
         for k in IGNORED_STATE_KEYS:
             s.pop(k, None)

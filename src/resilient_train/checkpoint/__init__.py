@@ -11,23 +11,33 @@ import importlib
 from typing import Any
 
 from .atomic import commit_dir, move_aside, remove_dir_safely
-from .layout import BEST_POINTER, MANIFEST, committed, is_checkpoint_dir, parse_step, read_best, step_dir_name
+from .layout import (
+    BEST_POINTER,
+    MANIFEST,
+    SAVE_PHASES,
+    committed,
+    is_checkpoint_dir,
+    parse_step,
+    read_best,
+    step_dir_name,
+)
 
 # name -> submodule, for the names whose module imports torch (or may, later).
 _LAZY = {
-    "FORMAT_VERSION": "format",
-    "CheckpointError": "format",
-    "VerifyReport": "format",
-    "load_checkpoint": "format",
-    "read_manifest": "format",
-    "verify_files": "format",
-    "SAVE_PHASES": "manager",
+    "FORMAT_VERSION": "manifest",
+    "CheckpointError": "manifest",
+    "Loaded": "files",
+    "VerifyReport": "files",
+    "load_checkpoint": "files",
+    "read_manifest": "manifest",
+    "verify_files": "files",
     "CheckpointManager": "manager",
 }
 
 __all__ = [
     "BEST_POINTER",
     "MANIFEST",
+    "SAVE_PHASES",
     "commit_dir",
     "committed",
     "is_checkpoint_dir",

@@ -27,6 +27,7 @@ __all__ = [
     "BEST_POINTER",
     "TMP_PREFIX",
     "TRASH_PREFIX",
+    "SAVE_PHASES",
     "step_dir_name",
     "parse_step",
     "committed",
@@ -42,6 +43,8 @@ CHECKPOINTS_DIR = "checkpoints"
 MANIFEST = "manifest.json"
 BEST_POINTER = "best.json"
 TRASH_PREFIX = ".trash-"
+#: Stages of a save, in order; the manager calls its save hooks (chaos, the tests' hold) at each one.
+SAVE_PHASES = ("files_partial", "files_written", "before_rename", "after_rename")
 _STEP_RE = re.compile(r"^step_(\d{8})$")
 
 

@@ -13,7 +13,7 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,32 +22,16 @@ import torch
 
 from ..fsio import TMP_PREFIX, atomic_write, write_durable
 from .atomic import commit_dir, move_aside, remove_dir_safely
-from .format import MANIFEST, CheckpointError, FileWriter, iter_files, manifest_from_entries, verify_files
-from .layout import BEST_POINTER, TRASH_PREFIX, committed, read_best, step_dir_name
+from .files import FileWriter, Loaded, iter_files, verify_files
+from .layout import BEST_POINTER, SAVE_PHASES, TRASH_PREFIX, committed, read_best, step_dir_name
+from .manifest import MANIFEST, CheckpointError, manifest_bytes
 
-__all__ = ["CheckpointManager", "SAVE_PHASES"]
+__all__ = ["CheckpointManager", "SAVE_PHASES", "SaveHook"]
 
 log = logging.getLogger(__name__)
 
-# Stages of a save, in order; hooks (chaos, tests) are called at each one.
-SAVE_PHASES = ("files_partial", "files_written", "before_rename", "after_rename")
-HOLD_ENV = "RESILIENT_TRAIN_HOLD_SAVE"  # test-only: "<phase>" or "<phase>@<step>"
-
+#: ``hook(phase, step, where)``: called at each save phase, maybe on the background save thread.
 SaveHook = Callable[[str, int, Path], None]
-
-
-def _hold_for_tests(phase: str, step: int, where: Path) -> None:
-    """Test-only: park the writer at ``phase`` so a test can SIGKILL it there."""
-    want = os.environ.get(HOLD_ENV)
-    if not want:
-        return
-    w_phase, _, w_step = want.partition("@")
-    if w_phase == phase and (not w_step or int(w_step) == step):
-        marker = where.parent / f".held-{phase}-{step}"
-        marker.write_text(str(where))
-        log.warning("ckpt.hold phase=%s step=%d path=%s (test hook %s)", phase, step, where, HOLD_ENV)
-        while True:
-            time.sleep(1)
 
 
 class CheckpointManager:
@@ -58,12 +42,21 @@ class CheckpointManager:
     """
 
     def __init__(
-        self, root: str | os.PathLike, *, keep_last: int = 3, async_save: bool = False, hook: SaveHook | None = None
+        self,
+        root: str | os.PathLike,
+        *,
+        keep_last: int = 3,
+        async_save: bool = False,
+        every_n_steps: int = 0,
+        save_on_best: bool = False,
+        hooks: Sequence[SaveHook] = (),
     ) -> None:
         self.root = Path(root)
         self.keep_last = keep_last
         self.async_save = async_save
-        self.hook = hook
+        self.every_n_steps = every_n_steps
+        self.save_on_best = save_on_best
+        self.hooks = tuple(hooks)
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._snapshot = _Snapshot()
@@ -91,12 +84,12 @@ class CheckpointManager:
                 removed.append(p)
         return removed
 
-    def latest_valid(self, *, move_aside_invalid: bool = True) -> Path | None:
-        """The newest checkpoint that passes verification; newer failing ones are set aside (renamed)."""
+    def latest_valid(self, *, move_aside_invalid: bool = True) -> Loaded | None:
+        """The newest checkpoint that passes verification, loaded (read once); newer failing ones are set aside."""
         for path in reversed(self.committed()):
             report = verify_files(path)
             if report.ok:
-                return path
+                return report.loaded
             log.error("ckpt.invalid path=%s reason=%s", path, "; ".join(report.errors))
             if move_aside_invalid:
                 move_aside(path, "corrupt")
@@ -113,7 +106,24 @@ class CheckpointManager:
         atomic_write(self.root / BEST_POINTER, json.dumps({"step": step, "path": target.name, name: metric}).encode())
         log.info("ckpt.best step=%d path=%s %s=%.6g", step, target, name, metric)
 
+    def reconcile_best(self, best_step: int, metric: float, name: str = "val_loss") -> None:
+        """After a resume: a crash between a best checkpoint's commit and the pointer update left it stale."""
+        if best_step < 0:
+            return
+        pointer = self.best()
+        if pointer is not None and pointer.get("step") == best_step:
+            return
+        if (self.root / step_dir_name(best_step)).is_dir():
+            log.warning("ckpt.best_reconciled pointer=%s counters.best_step=%d", pointer, best_step)
+            self.set_best(best_step, metric, name)
+
     # -- saving -----------------------------------------------------------------------------
+
+    def should_save(self, step: int, *, last: bool, improved: bool, stopping: bool) -> bool:
+        """Save at every ``every_n_steps``-th step, at the last step, on a new best (``save_on_best``), and
+        when the run is stopping (a signal), so that a preempted run loses nothing."""
+        periodic = self.every_n_steps > 0 and step % self.every_n_steps == 0
+        return periodic or last or stopping or (improved and self.save_on_best)
 
     def save(
         self,
@@ -165,9 +175,8 @@ class CheckpointManager:
             self._error = exc
 
     def _phase(self, phase: str, step: int, where: Path) -> None:
-        _hold_for_tests(phase, step, where)
-        if self.hook is not None:
-            self.hook(phase, step, where)
+        for hook in self.hooks:
+            hook(phase, step, where)
 
     def _write(
         self,
@@ -195,7 +204,7 @@ class CheckpointManager:
         self._phase("files_written", step, tmp)
         # The manifest goes last: its presence inside the directory means every file it lists is
         # complete and fsync'd, and it carries each file's hash for later verification.
-        write_durable(tmp / MANIFEST, manifest_from_entries(step, entries, metadata))
+        write_durable(tmp / MANIFEST, manifest_bytes(step, entries, metadata))
         self._phase("before_rename", step, tmp)
         commit_dir(tmp, final)
         self._phase("after_rename", step, final)

@@ -1,0 +1,133 @@
+"""Step observers: what watches the loop without steering it (history, heartbeat, progress bar, chaos).
+
+``Trainer.fit`` calls every observer at the same points, in order:
+
+* ``on_start(trainer)`` once, after any restore, before the first step;
+* ``on_step(trainer, record)`` after each optimizer step (and its evaluation, if any), before the
+  step's checkpoint: ``record`` holds ``step``, ``epoch``, the train metrics and ``val_loss``
+  (``None`` when the step did not evaluate);
+* ``on_saved(trainer, step)`` after the step's checkpoint decision (whether or not it saved);
+* ``on_end(trainer, status)`` once, with ``finished``, ``stopped`` or ``failed``, also on an error.
+
+An observer never changes training state, so the bits of a run do not depend on which are attached.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import TYPE_CHECKING, Any
+
+from .monitor import Heartbeat, HistoryWriter
+
+if TYPE_CHECKING:
+    from .trainer import Trainer
+
+__all__ = ["Observer", "HistoryObserver", "HeartbeatObserver", "ProgressObserver", "default_observers"]
+
+
+class Observer:
+    """Base class: every hook does nothing."""
+
+    def on_start(self, trainer: Trainer) -> None:
+        pass
+
+    def on_step(self, trainer: Trainer, record: dict[str, Any]) -> None:
+        pass
+
+    def on_saved(self, trainer: Trainer, step: int) -> None:
+        pass
+
+    def on_end(self, trainer: Trainer, status: str) -> None:
+        pass
+
+
+class HistoryObserver(Observer):
+    """Appends train records (every ``log_every_n_steps``) and eval records to ``history.jsonl``."""
+
+    TRAIN_KEYS = ("loss", "recon_loss", "discr_loss", "grad_norm", "lr")
+
+    def __init__(self, every: int) -> None:
+        self.every = every
+        self.writer: HistoryWriter | None = None
+
+    def on_start(self, trainer: Trainer) -> None:
+        self.writer = HistoryWriter(trainer.run_dir)
+
+    def on_step(self, trainer: Trainer, record: dict[str, Any]) -> None:
+        step, epoch, now = record["step"], record["epoch"], time.time()
+        if step % self.every == 0:
+            self.writer.write(
+                {"kind": "train", "step": step, "epoch": epoch, **{k: record[k] for k in self.TRAIN_KEYS}, "time": now}
+            )
+        if record["val_loss"] is not None:
+            val = record["val_loss"]
+            self.writer.write({"kind": "eval", "step": step, "epoch": epoch, "val_loss": val, "time": now})
+
+    def on_end(self, trainer: Trainer, status: str) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+class HeartbeatObserver(Observer):
+    """Keeps ``heartbeat.json`` fresh so that ``status`` can tell a live run from a dead one."""
+
+    def __init__(self, interval_secs: float, max_steps: int) -> None:
+        self.interval_secs, self.max_steps = interval_secs, max_steps
+        self.heartbeat: Heartbeat | None = None
+        self.last: dict[str, Any] = {}
+
+    def on_start(self, trainer: Trainer) -> None:
+        self.heartbeat = Heartbeat(trainer.run_dir, interval_secs=self.interval_secs, max_steps=self.max_steps)
+
+    def on_step(self, trainer: Trainer, record: dict[str, Any]) -> None:
+        self.last = record
+
+    def on_saved(self, trainer: Trainer, step: int) -> None:
+        latest = trainer.ckpt.last_saved.name if trainer.ckpt.last_saved else None
+        self.heartbeat.beat(step=step, epoch=self.last["epoch"], latest_checkpoint=latest, last_loss=self.last["loss"])
+
+    def on_end(self, trainer: Trainer, status: str) -> None:
+        if self.heartbeat is not None:
+            self.heartbeat.close(status)
+
+
+class ProgressObserver(Observer):
+    """A tqdm bar on stderr."""
+
+    def __init__(self, max_steps: int) -> None:
+        self.max_steps = max_steps
+        self.bar: Any = None
+        self.last: dict[str, Any] = {}
+
+    def on_start(self, trainer: Trainer) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(
+            total=self.max_steps,
+            initial=trainer.counters.step,
+            desc="train",
+            unit="step",
+            dynamic_ncols=True,
+            file=sys.stderr,
+        )
+
+    def on_step(self, trainer: Trainer, record: dict[str, Any]) -> None:
+        self.last = record
+
+    def on_saved(self, trainer: Trainer, step: int) -> None:
+        self.bar.update(1)
+        self.bar.set_postfix(epoch=self.last["epoch"], loss=f"{self.last['loss']:.4f}", refresh=False)
+
+    def on_end(self, trainer: Trainer, status: str) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def default_observers(trainer_cfg: Any) -> list[Observer]:
+    """History and heartbeat always; the progress bar when ``trainer.progress_bar``."""
+    t = trainer_cfg
+    out: list[Observer] = [HistoryObserver(t.log_every_n_steps), HeartbeatObserver(t.heartbeat_secs, t.max_steps)]
+    if t.progress_bar:
+        out.append(ProgressObserver(t.max_steps))
+    return out
