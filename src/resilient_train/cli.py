@@ -21,6 +21,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -31,6 +32,9 @@ from .checkpoint.layout import CHECKPOINTS_DIR, run_dir_of
 from .config import CONFIG_DIR, register_configs, validate_config
 from .fsio import atomic_write
 from .resume import StartupError, check_added_keys, plan_resume, take_over_timeline
+
+if TYPE_CHECKING:
+    from .trainer import Trainer
 
 __all__ = ["main", "run", "start", "RunLock", "EXIT_CONFIG_ERROR", "EXIT_FAILED"]
 
@@ -105,9 +109,8 @@ def prepare_argv(argv: list[str]) -> list[str]:
     return argv
 
 
-def start(cfg: DictConfig, run_dir: Path, overrides: list[str], lock: RunLock):
+def start(cfg: DictConfig, run_dir: Path, overrides: list[str], lock: RunLock) -> Trainer:
     """Everything that can refuse a start, then the trainer ready at its first step (see :mod:`.resume`)."""
-    from .chaos import Chaos
     from .trainer import Trainer
 
     check_added_keys(overrides)
@@ -115,7 +118,11 @@ def start(cfg: DictConfig, run_dir: Path, overrides: list[str], lock: RunLock):
     CheckpointManager(run_dir / CHECKPOINTS_DIR).cleanup_temporaries()
     plan = plan_resume(cfg, overrides, run_dir)
     validate_config(plan.cfg)
-    chaos = Chaos(plan.cfg.chaos, run_dir) if plan.cfg.chaos.enabled else None
+    chaos = None
+    if plan.cfg.chaos.enabled:
+        from .chaos import Chaos  # only imported when chaos is on
+
+        chaos = Chaos(plan.cfg.chaos, run_dir)
     trainer = Trainer(
         plan.cfg,
         run_dir,
