@@ -4,8 +4,8 @@
 
 * ``on_start(trainer)`` once, after any restore, before the first step;
 * ``on_step(trainer, record)`` after each optimizer step (and its evaluation, if any), before the
-  step's checkpoint: ``record`` holds ``step``, ``epoch``, the train metrics and ``val_loss``
-  (``None`` when the step did not evaluate);
+  step's checkpoint: ``record`` holds ``step``, ``epoch``, the train metrics, ``time`` (when the
+  optimizer step ended) and ``val_loss`` (``None`` when the step did not evaluate);
 * ``on_saved(trainer, step)`` after the step's checkpoint decision (whether or not it saved);
 * ``on_end(trainer, status)`` once, with ``finished``, ``stopped`` or ``failed``, also on an error.
 
@@ -55,14 +55,13 @@ class HistoryObserver(Observer):
         self.writer = HistoryWriter(trainer.run_dir)
 
     def on_step(self, trainer: Trainer, record: dict[str, Any]) -> None:
-        step, epoch, now = record["step"], record["epoch"], time.time()
-        if step % self.every == 0:
-            self.writer.write(
-                {"kind": "train", "step": step, "epoch": epoch, **{k: record[k] for k in self.TRAIN_KEYS}, "time": now}
-            )
+        step, epoch = record["step"], record["epoch"]
+        if step % self.every == 0:  # stamped when the step ended, before any evaluation
+            metrics = {k: record[k] for k in self.TRAIN_KEYS}
+            self.writer.write({"kind": "train", "step": step, "epoch": epoch, **metrics, "time": record["time"]})
         if record["val_loss"] is not None:
             val = record["val_loss"]
-            self.writer.write({"kind": "eval", "step": step, "epoch": epoch, "val_loss": val, "time": now})
+            self.writer.write({"kind": "eval", "step": step, "epoch": epoch, "val_loss": val, "time": time.time()})
 
     def on_end(self, trainer: Trainer, status: str) -> None:
         if self.writer is not None:

@@ -321,7 +321,7 @@ class Trainer:
             for obs in observers:
                 obs.on_start(self)
             while c.step < t.max_steps and self.stop_signal is None:
-                last = {**self.train_step(), "step": c.step, "epoch": self.position.epoch}
+                last = {**self.train_step(), "step": c.step, "epoch": self.position.epoch, "time": time.time()}
                 last["val_loss"], improved = self.maybe_evaluate()
                 for obs in observers:
                     obs.on_step(self, last)
