@@ -247,7 +247,7 @@ def _wrong_size_in_manifest(ckpt: Path) -> Path:
 
 CORRUPTIONS = {
     "truncated": (_truncate, "truncated"),
-    "flipped_byte": (_flip_byte, "SHA-256 mismatch"),
+    "flipped_byte": (_flip_byte, "xxh3_128 mismatch"),
     "missing_file": (_delete, "missing"),
     "empty_file": (_empty, "size 0 bytes"),
     "manifest_missing": (_delete_manifest, "missing"),

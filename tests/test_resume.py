@@ -283,7 +283,7 @@ def test_corrupt_newest_checkpoint_is_set_aside_and_resume_uses_previous(trained
     # An explicit resume from the corrupt checkpoint is refused, naming the file, and moves nothing.
     proc = run_train(run, f"resume_from={ckpt(run, 20)}", "trainer.max_steps=30", experiment=None, check=False)
     assert proc.returncode == EXIT_CONFIG_ERROR, output(proc)[-4000:]
-    assert str(model) in proc.stderr and "SHA-256 mismatch" in proc.stderr
+    assert str(model) in proc.stderr and "xxh3_128 mismatch" in proc.stderr
     assert committed(run) == [step_dir_name(10), step_dir_name(20)]
 
     # resume_from=auto logs the invalid one, renames it aside and resumes from step 10.

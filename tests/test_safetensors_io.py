@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
+import xxhash
 
 from resilient_train.checkpoint import safetensors_io
 from resilient_train.checkpoint.files import FileWriter, iter_files, load_checkpoint, verify_files
@@ -194,7 +195,7 @@ def test_file_writer_writes_what_the_library_reads_and_hashes_the_file(tmp_path)
     assert sorted(entries) == ["model.safetensors", "state.json", "state.safetensors"]
     for name, entry in entries.items():
         data = (tmp_path / "ckpt" / name).read_bytes()
-        assert entry == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}, name
+        assert entry == {"size": len(data), "hash": "xxh3_128:" + xxhash.xxh3_128(data).hexdigest()}, name
     _assert_all_same(safetensors.torch.load_file(tmp_path / "ckpt" / "model.safetensors"), state["model"])
     rest = safetensors.torch.load_file(tmp_path / "ckpt" / "state.safetensors")
     _assert_all_same(

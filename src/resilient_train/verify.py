@@ -1,7 +1,7 @@
 """``python -m resilient_train.verify PATH [--json] [--compare OTHER] [--no-model]``
 
 PATH is a checkpoint directory or a run directory (then every committed checkpoint in it). For
-each checkpoint: manifest, presence, sizes and SHA-256 of every file; safe loading (safetensors
+each checkpoint: manifest, presence, sizes and hashes of every file; safe loading (safetensors
 and JSON only); counters that agree (manifest step = trainer step = optimizer step count); the
 model rebuilt from the saved config, weights loaded strictly, and a fixed input encoded to finite
 codes. Exit 0 when everything is valid, 1 otherwise (or, with ``--compare``, when the two
@@ -56,7 +56,7 @@ def verify_checkpoint(ckpt: Path, *, check_model: bool = True) -> dict[str, Any]
     if not report.ok:
         result["errors"] = report.errors
         return result
-    result["checks"].append("files: manifest, sizes, sha256, safe load")
+    result["checks"].append("files: manifest, sizes, hashes, safe load")
     state, manifest = report.loaded.state, report.loaded.manifest
     errors = result["errors"]
     step = manifest["step"]

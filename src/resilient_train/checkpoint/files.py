@@ -2,18 +2,17 @@
 
 Saving: :func:`iter_files` turns a state into the files to write (:mod:`.tree` splits it,
 :mod:`.safetensors_io` lays out each safetensors file without copying), and :class:`FileWriter`
-writes, hashes and fsyncs them concurrently (``os.writev``, ``os.fsync``, ``readinto`` and
-SHA-256 all release the GIL); the manager then writes the manifest (:mod:`.manifest`).
+writes, hashes and fsyncs them concurrently (``os.writev``, ``os.fsync``, ``readinto`` and the
+hash, :mod:`.hashing`, all release the GIL); the manager then writes the manifest (:mod:`.manifest`).
 
 Loading: :func:`load_checkpoint` reads every file the manifest lists once, a few at a time,
-checking its size and SHA-256 as it reads, then decodes the state; :func:`verify_files` does the
+checking its size and hash as it reads, then decodes the state; :func:`verify_files` does the
 same and reports instead of raising. Every full read goes through one function, which logs
 ``ckpt.read path=... bytes=... secs=...`` once when it succeeds.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -26,7 +25,7 @@ from typing import Any
 
 import torch
 
-from . import tree
+from . import hashing, tree
 from .manifest import MANIFEST, STATE_JSON, STATE_TENSORS, CheckpointError, load_json, read_manifest
 from .safetensors_io import Payload, load_safetensors, read_tensors, safetensors_payload, write_pieces
 
@@ -92,16 +91,17 @@ def _write_file(path: Path, pieces: list[Any]) -> int:
 
 
 def _hash_pieces(pieces: list[Any]) -> str:
-    digest = hashlib.sha256()
+    """The manifest's ``"hash"`` value of the file made of ``pieces``."""
+    digest = hashing.new()
     for piece in pieces:
         digest.update(piece)  # releases the GIL for all but tiny pieces
-    return digest.hexdigest()
+    return hashing.entry_value(hashing.ALGORITHM, digest.hexdigest())
 
 
 class FileWriter:
     """Writes the files of one checkpoint directory concurrently; :meth:`entries` waits for them all.
 
-    A file's SHA-256 is computed from the same memory its bytes are written from (nothing changes
+    A file's hash is computed from the same memory its bytes are written from (nothing changes
     that memory during a save: a sync save blocks training, an async one writes a snapshot), so
     writing and hashing are independent jobs: each file is written and fsync'd on a thread of its
     own (so the disk starts early and the fsyncs overlap) while ``IO_THREADS`` threads hash. The
@@ -127,13 +127,13 @@ class FileWriter:
         self._jobs.append((payload, written, self._hashers.submit(_hash_pieces, payload.pieces)))
 
     def entries(self) -> dict[str, dict[str, Any]]:
-        """Wait until every file is written, fsync'd and hashed: their manifest entries ``{"size", "sha256"}``."""
+        """Wait until every file is written, fsync'd and hashed: their manifest entries ``{"size", "hash"}``."""
         out = {}
         for payload, written, hashed in self._jobs:
             size = written.result()
             if size != payload.size:
                 raise CheckpointError(f"{self.directory / payload.name}: wrote {size} bytes, expected {payload.size}")
-            out[payload.name] = {"size": size, "sha256": hashed.result()}
+            out[payload.name] = {"size": size, "hash": hashed.result()}
         return out
 
     def close(self) -> None:
@@ -173,7 +173,9 @@ class _ParseError(CheckpointError):
 def _read_checked(path: Path, entry: dict[str, Any]) -> bytes:
     data = path.read_bytes()
     _check_size(path, len(data), entry)
-    _check_hash(path, hashlib.sha256(data).hexdigest(), entry)
+    digest = hashing.new(hashing.parse_entry(entry)[0])
+    digest.update(data)
+    _check_hash(path, digest, entry)
     return data
 
 
@@ -182,9 +184,13 @@ def _check_size(path: Path, size: int, entry: dict[str, Any]) -> None:
         raise CheckpointError(f"{path}: size {size} bytes, manifest says {entry['size']} (truncated or altered)")
 
 
-def _check_hash(path: Path, digest: str, entry: dict[str, Any]) -> None:
-    if digest != entry["sha256"]:
-        raise CheckpointError(f"{path}: SHA-256 mismatch (file {digest[:12]}…, manifest {entry['sha256'][:12]}…)")
+def _check_hash(path: Path, digest: Any, entry: dict[str, Any]) -> None:
+    """``digest``: the hash object (of the entry's algorithm) that has seen every byte of the file."""
+    algorithm, listed = hashing.parse_entry(entry)
+    got = digest.hexdigest()
+    if got != listed:
+        name = hashing.label(algorithm)
+        raise CheckpointError(f"{path}: {name} mismatch (file {got[:12]}…, manifest {listed[:12]}…)")
 
 
 def _load_file(ckpt: Path, name: str, entry: dict[str, Any]) -> Any:
@@ -194,7 +200,7 @@ def _load_file(ckpt: Path, name: str, entry: dict[str, Any]) -> Any:
         raise CheckpointError(f"{path}: missing (listed in {MANIFEST})")
     if not name.endswith(".safetensors"):
         return _read_checked(path, entry)
-    digest = hashlib.sha256()
+    digest = hashing.new(hashing.parse_entry(entry)[0])
     with open(path, "rb", buffering=0) as f:
         size = os.fstat(f.fileno()).st_size
         _check_size(path, size, entry)
@@ -205,7 +211,7 @@ def _load_file(ckpt: Path, name: str, entry: dict[str, Any]) -> Any:
             return load_safetensors(data, path)
         except CheckpointError as exc:
             raise _ParseError(str(exc)) from None
-    _check_hash(path, digest.hexdigest(), entry)
+    _check_hash(path, digest, entry)
     return tensors
 
 

@@ -6,7 +6,7 @@ A checkpoint is a directory holding:
 * ``state.safetensors`` with every other tensor, and ``state.json`` with the rest of the state
   (nested dicts, lists, tuples, numbers, strings) where tensors are referenced by key
   (:mod:`.tree`),
-* ``manifest.json``, written last: each file's size and SHA-256, plus the caller's metadata.
+* ``manifest.json``, written last: each file's size and hash (:mod:`.hashing`), plus the caller's metadata.
 
 Nothing in this package ever unpickles: tensors are read with safetensors
 (:mod:`.safetensors_io`), everything else with ``json``. A file that is not what its name says (a
@@ -21,6 +21,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from . import hashing
 from .layout import MANIFEST
 
 __all__ = [
@@ -63,11 +64,8 @@ def load_json(data: bytes, path: Path) -> Any:
         raise CheckpointError(f"{path}: malformed JSON ({exc})") from None
 
 
-def _valid_entry(entry: Any) -> bool:
-    if not isinstance(entry, dict) or {"size", "sha256"} - set(entry):
-        return False
-    size = entry["size"]
-    return type(size) is int and size >= 0 and isinstance(entry["sha256"], str)
+def _valid_size(entry: Any) -> bool:
+    return isinstance(entry, dict) and type(entry.get("size")) is int and entry["size"] >= 0
 
 
 def read_manifest(ckpt: Path) -> dict[str, Any]:
@@ -95,15 +93,19 @@ def read_manifest(ckpt: Path) -> dict[str, Any]:
     if not isinstance(files, dict) or STATE_JSON not in files or STATE_TENSORS not in files:
         raise CheckpointError(f"{path}: malformed, 'files' must list {STATE_JSON} and {STATE_TENSORS}")
     for name, entry in files.items():
-        if "/" in name or name.startswith(".") or not _valid_entry(entry):
+        if "/" in name or name.startswith(".") or not _valid_size(entry):
             raise CheckpointError(f"{path}: malformed entry for {name!r}")
+        try:
+            hashing.parse_entry(entry)
+        except hashing.EntryError as exc:
+            raise CheckpointError(f"{path}: malformed entry for {name!r}: {exc}") from None
         if not name.endswith((".safetensors", ".json")):
             raise CheckpointError(f"{path}: lists {name!r}, a file type this loader refuses to read")
     return manifest
 
 
 def manifest_bytes(step: int, entries: dict[str, dict[str, Any]], metadata: dict[str, Any]) -> bytes:
-    """The manifest: format version, step, the caller's metadata and each file's ``{"size", "sha256"}``."""
+    """The manifest: format version, step, the caller's metadata and each file's ``{"size", "hash"}``."""
     manifest = {
         "format_version": FORMAT_VERSION,
         "step": int(step),

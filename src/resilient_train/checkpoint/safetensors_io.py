@@ -2,7 +2,7 @@
 
 Writing never builds a file in memory: a file is its header followed by each tensor's own memory
 (a zero-copy view of a contiguous CPU tensor), handed to ``os.writev`` (:func:`write_pieces`), and
-its SHA-256 can be computed from that same memory, so nothing is copied, joined or read back.
+its hash can be computed from that same memory, so nothing is copied, joined or read back.
 Reading (:func:`read_tensors`) goes straight into one buffer per tensor, hashing as it reads.
 
 The files are plain safetensors, readable by ``safetensors.torch.load`` and by earlier versions of
@@ -224,7 +224,7 @@ def _as_tensor(buf: np.ndarray, dtype: torch.dtype, shape: list[int]) -> torch.T
 
 def read_tensors(f: Any, size: int, digest: Any) -> dict[str, torch.Tensor] | None:
     """Read the safetensors file open (unbuffered) as ``f``, ``size`` bytes long, into one buffer per
-    tensor, feeding every byte to ``digest`` (a ``hashlib`` hash) as it goes.
+    tensor, feeding every byte to ``digest`` (a hash object with ``update``, :mod:`.hashing`) as it goes.
 
     ``None`` when the file is not one this reader handles, is shorter or longer than ``size``, or
     this machine is big-endian: the caller then reads the file the original way
