@@ -10,14 +10,16 @@ job's (``Trainer.state_dict()`` after one optimizer step, so AdamW moments exist
                            plain os.write + fsync per file (no directory fsync, no hashing)
   save_vs_torch_save       ... / torch.save(state, one_file) (no fsync: not durable)
   save_vs_magvit2_trainer  ... / magvit2_pytorch VideoTokenizerTrainer.save() on the same model
-  load_vs_raw_read         load_checkpoint (manifest, sizes, SHA-256, safe parse) / reading the
+  load_vs_raw_read         load_checkpoint (manifest, sizes, hashes, safe parse) / reading the
                            same files into memory
   loop_vs_bare_tiny        steps/s of Trainer.fit (no checkpoints, no eval inside the window) /
   loop_vs_bare_magvit64    steps/s of a bare loop over the same model, data and optimizers
-  async_stall_vs_sync      time Trainer.save_checkpoint blocks the loop with async_save / without
-  resume_vs_fresh_start    process start -> first trained step of
-                           `python -m resilient_train.cli +experiment=tiny`,
-                           resuming from a checkpoint / starting fresh
+  async_stall_vs_sync      time Trainer.save_checkpoint blocks the loop with async_save / without;
+                           printed beside it, the floor: one plain copy of the same bytes / without
+  resume_vs_fresh_start    process start -> first trained step of the magvit64 job (65.5 MB state)
+                           via `python -m resilient_train.cli`, resuming / starting fresh
+  save_every_step_vs_never_tiny, save_every_step_vs_never_magvit64
+                           wall time of Trainer.fit checkpointing every step (async) / never
 
 Writes a JSON report (``--out``, default ``outputs/bench/bench.json`` under the working directory)
 with the ratios, the absolute seconds and bytes behind each, every sample, and the machine.
@@ -39,16 +41,18 @@ import sys
 import tempfile
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 warnings.filterwarnings("ignore", category=UserWarning, module=r"(torch|accelerate)")
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from resilient_train.checkpoint import CheckpointManager, load_checkpoint  # noqa: E402
-from resilient_train.checkpoint.files import iter_files  # noqa: E402
+from resilient_train.checkpoint import CheckpointManager, hashing, load_checkpoint, safetensors_io  # noqa: E402
+from resilient_train.checkpoint.files import IO_THREADS, iter_files  # noqa: E402
 from resilient_train.config import compose  # noqa: E402
 from resilient_train.data import build_loader  # noqa: E402
 from resilient_train.fsio import atomic_write  # noqa: E402
@@ -64,11 +68,14 @@ TARGETS = {
     "save_vs_torch_save": ("<=", 1.0),
     "save_vs_magvit2_trainer": ("<=", 1.0),
     "load_vs_raw_read": ("<=", 1.5),
+    "load_vs_raw_read_cold": ("<=", 1.5),
     "loop_vs_bare": (">=", 0.97),
     "loop_vs_bare_tiny": (">=", 0.97),
     "loop_vs_bare_magvit64": (">=", 0.97),
     "async_stall_vs_sync": ("<=", 0.2),
-    "resume_vs_fresh_start": ("<=", None),  # no target: reported
+    "resume_vs_fresh_start": ("<=", 1.05),
+    "save_every_step_vs_never_tiny": ("<=", 1.5),
+    "save_every_step_vs_never_magvit64": ("<=", 1.05),
 }
 
 # Runs inside the window only: fit's final eval + checkpoint at max_steps happen after the last step.
@@ -250,7 +257,19 @@ def bench_save_load(trainer, work: Path, reps: int) -> dict[str, Any]:
     load()
     read()
     tl = interleaved({"load": load, "read": read}, reps * 2)
-    say(f"  load done: ours {median(tl['load']):.3f}s raw {median(tl['read']):.3f}s")
+    say(f"  load done: ours {median(tl['load']):.3f}s raw {median(tl['read']):.3f}s (page cache)")
+
+    def evict(name: str) -> None:  # the next reader must go to the disk
+        for n in names:
+            fd = os.open(ckpt / n, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+    evict("")
+    tc = interleaved({"load": load, "read": read}, reps, after=evict)
+    say(f"  cold load: ours {median(tc['load']):.3f}s raw {median(tc['read']):.3f}s (after POSIX_FADV_DONTNEED)")
     shutil.rmtree(ckpt)
 
     def entry(a: str, b: str, ta: list[float], tb: list[float], ba: int, bb: int, **extra) -> dict[str, Any]:
@@ -296,13 +315,111 @@ def bench_save_load(trainer, work: Path, reps: int) -> dict[str, Any]:
             baseline_s_per_gb=median(t["m2"]) / sizes["m2"] * 1e9,
         ),
         "load_vs_raw_read": entry(
-            "load_checkpoint (manifest, size, SHA-256, safe decode)",
-            "read_bytes() of the same files",
+            "load_checkpoint (manifest, size, hash, safe decode), files in the page cache",
+            "read_bytes() of the same files, in the page cache",
             tl["load"],
             tl["read"],
             load_bytes,
             load_bytes,
         ),
+        "load_vs_raw_read_cold": entry(
+            "load_checkpoint, each file evicted from the page cache first (posix_fadvise DONTNEED)",
+            "read_bytes() of the same files, evicted the same way",
+            tc["load"],
+            tc["read"],
+            load_bytes,
+            load_bytes,
+            note="a virtual disk may cache below the guest, so 'cold' is as cold as the guest can make it",
+        ),
+    }
+
+
+def _hash_algorithms() -> dict[str, Any]:
+    """name -> constructor: the manifest's algorithms (:mod:`resilient_train.checkpoint.hashing`), and BLAKE3
+    (single-threaded and with its own threads) when the ``blake3`` package is installed, for comparison."""
+    algos = {name: ctor for name, (ctor, _) in hashing.ALGORITHMS.items()}
+    try:
+        import blake3
+    except ImportError:
+        return algos
+    algos["blake3"] = blake3.blake3
+    algos["blake3_auto_threads"] = lambda: blake3.blake3(max_threads=blake3.blake3.AUTO)
+    return algos
+
+
+class _NoHash:
+    def update(self, data: Any) -> None:
+        pass
+
+    def hexdigest(self) -> str:
+        return ""
+
+
+def bench_hash(trainer, work: Path, reps: int) -> dict[str, Any]:
+    """GB/s of each hash over the magvit64 state's files: from memory on one thread (1 MiB updates), and
+    overlapped with reading the files from the page cache the way ``load_checkpoint`` does (1 MiB
+    ``readinto`` then hash, ``IO_THREADS`` files at a time, largest first); the floor is the same reader
+    without hashing, and ``read_bytes()``."""
+    files = {p.name: b"".join(p.pieces) for p in iter_files(trainer.state_dict(), TENSOR_GROUPS)}
+    nbytes = sum(len(b) for b in files.values())
+    write_raw(work, files)
+    paths = sorted((work / n for n in files), key=lambda p: -len(files[p.name]))
+    algos = _hash_algorithms()
+    chunk = safetensors_io._CHUNK
+
+    def from_memory(ctor: Any) -> None:
+        for data in files.values():
+            view, digest = memoryview(data), ctor()
+            for o in range(0, len(view), chunk):
+                digest.update(view[o : o + chunk])
+            digest.hexdigest()
+
+    def read_one(path: Path, ctor: Any) -> None:
+        with open(path, "rb", buffering=0) as f:
+            buf = np.empty(os.fstat(f.fileno()).st_size, dtype=np.uint8)  # fresh, as the reader's buffers
+            digest = ctor()
+            safetensors_io._readinto_hashing(f, memoryview(buf), digest)
+            digest.hexdigest()
+
+    def read_all(ctor: Any) -> None:
+        with ThreadPoolExecutor(min(len(paths), IO_THREADS)) as pool:
+            for fut in [pool.submit(read_one, p, ctor) for p in paths]:
+                fut.result()
+
+    def read_bytes() -> None:
+        for p in paths:
+            p.read_bytes()
+
+    mem_fns = {name: (lambda c=ctor: from_memory(c)) for name, ctor in algos.items()}
+    read_fns = {name: (lambda c=ctor: read_all(c)) for name, ctor in algos.items() if name != "blake3_auto_threads"}
+    floor_fns = {"readinto_no_hash": lambda: read_all(_NoHash), "read_bytes": read_bytes}
+    for fn in (*mem_fns.values(), *read_fns.values(), *floor_fns.values()):
+        fn()  # warm-up: page cache, first-call costs
+    n = reps * 2
+    tm = interleaved(mem_fns, n)
+    tr = interleaved({**read_fns, **floor_fns}, n)
+    mem = {k: nbytes / median(v) / 1e9 for k, v in tm.items()}
+    gbs = {k: nbytes / median(v) / 1e9 for k, v in tr.items()}
+    shutil.rmtree(work)
+    say(f"  {len(files)} files, {nbytes / 1e6:.1f} MB; GB/s from memory, 1 thread (blake3_auto_threads: its own):")
+    say("    " + "  ".join(f"{k} {v:.2f}" for k, v in mem.items()))
+    say(f"  GB/s read from page cache and hashed, {min(len(paths), IO_THREADS)} threads (as load_checkpoint):")
+    say("    " + "  ".join(f"{k} {gbs[k]:.2f}" for k in read_fns))
+    say(f"    floor: same reader without hashing {gbs['readinto_no_hash']:.2f}, read_bytes() {gbs['read_bytes']:.2f}")
+    return {
+        "hash_throughput": {
+            "format_algorithm": hashing.ALGORITHM,
+            "bytes": nbytes,
+            "files": {k: len(v) for k, v in files.items()},
+            "chunk_bytes": chunk,
+            "read_threads": min(len(paths), IO_THREADS),
+            "memory_1thread_gb_s": mem,
+            "read_and_hash_gb_s": {k: gbs[k] for k in read_fns},
+            "read_floor_gb_s": {k: gbs[k] for k in floor_fns},
+            "samples_s": {"memory": tm, "read": tr},
+            "note": "page cache, no ratio target; blake3 rows only when the blake3 package is installed "
+            "(not a dependency); blake3_auto_threads hashes with its own thread pool",
+        }
     }
 
 
@@ -351,8 +468,15 @@ def bench_async(trainer, work: Path, reps: int) -> dict[str, Any]:
     own[True].wait()
     tm = interleaved({"async": msave(True), "sync": msave(False)}, reps, after=lambda n: own[True].wait())
     tsd = interleaved({"state_dict": trainer.state_dict}, reps)["state_dict"]
+    floor = _copy_floor(state, reps)
+    say(f"  floor: a bare copy of the same {floor['bytes'] / 1e6:.1f} MB into reused buffers {floor['secs']:.3f}s")
     return {
         "async_stall_vs_sync": {
+            "floor_s": floor["secs"],
+            "floor": "ctypes.memmove of every tensor of the state into buffers allocated beforehand (one memory copy)",
+            "floor_ratio": floor["secs"] / median(t["sync"]),
+            "snapshot_bytes": floor["bytes"],
+            "async_extra_bytes_held": mgr.snapshot_bytes,
             "ours_s": median(t["async"]),
             "baseline_s": median(t["sync"]),
             "ours_bytes": nbytes,
@@ -369,6 +493,34 @@ def bench_async(trainer, work: Path, reps: int) -> dict[str, Any]:
             "trainer_state_dict_s": median(tsd),
         }
     }
+
+
+def _copy_floor(state: dict[str, Any], reps: int) -> dict[str, Any]:
+    """The physical limit of an async save's stall: one plain copy of the state's tensor bytes."""
+    import ctypes
+
+    tensors: list[torch.Tensor] = []
+
+    def collect(obj: Any) -> None:
+        if isinstance(obj, torch.Tensor):
+            tensors.append(obj.detach().contiguous())
+        elif isinstance(obj, dict):
+            for v in obj.values():
+                collect(v)
+        elif isinstance(obj, (list, tuple)):
+            for v in obj:
+                collect(v)
+
+    collect(state)
+    bufs = [torch.empty_like(t) for t in tensors]
+
+    def copy() -> None:
+        for b, t in zip(bufs, tensors):
+            ctypes.memmove(b.data_ptr(), t.data_ptr(), t.numel() * t.element_size())
+
+    copy()  # fault the pages in once: the async path reuses its buffers too
+    secs = median(interleaved({"copy": copy}, reps)["copy"])
+    return {"secs": secs, "bytes": sum(t.numel() * t.element_size() for t in tensors)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -486,14 +638,55 @@ def bench_loop(trainer, name: str, n: int, pairs: int, budget_s: float) -> dict[
     }
 
 
+def bench_save_often(trainer, name: str, n: int, pairs: int, budget_s: float) -> dict[str, Any]:
+    """Wall time of the loop checkpointing every step (async) against never, over the same steps, order alternating.
+
+    Each run is ``n`` steps of ``Trainer.fit``; the first step of a run is not timed (see ``durations``).
+    """
+    mgr = trainer.ckpt
+    saved = (mgr.every_n_steps, mgr.async_save, mgr.keep_last)
+    mgr.async_save, mgr.keep_last = True, 1
+    secs: dict[str, list[float]] = {"every": [], "never": []}
+    t0 = time.perf_counter()
+    try:
+        for p in range(pairs):
+            spent = time.perf_counter() - t0
+            if p and spent + spent / p > budget_s:
+                say(f"  {name}: stopping after {p} pairs (time budget {budget_s:.0f}s)")
+                break
+            for kind in ("every", "never") if p % 2 == 0 else ("never", "every"):
+                mgr.every_n_steps = 1 if kind == "every" else BIG
+                secs[kind].append(sum(durations(fit_steps(trainer, trainer.counters.step, n))))
+    finally:
+        mgr.every_n_steps, mgr.async_save, mgr.keep_last = saved
+    pair_ratios = [a / b for a, b in zip(secs["every"], secs["never"])]
+    say(f"  {name}: every step {sum(secs['every']):.2f}s, never {sum(secs['never']):.2f}s")
+    return {
+        f"save_every_step_vs_never_{name}": {
+            "ours_s": sum(secs["every"]),
+            "baseline_s": sum(secs["never"]),
+            "ours": f"Trainer.fit, {name}, checkpoint.every_n_steps=1 with async_save (keep_last=1)",
+            "baseline": f"Trainer.fit, {name}, no checkpoint inside the window",
+            "ours_samples_s": secs["every"],
+            "baseline_samples_s": secs["never"],
+            "timed_steps_per_run": n - 1,
+            "pair_ratios": pair_ratios,
+            "ratio_is": "total wall time of the timed steps, saving every step / never saving",
+        }
+    }
+
+
 # ----------------------------------------------------------------------------------------------
 # resume vs fresh start (real processes)
+
+
+RESUME_EXPERIMENT = "magvit64"  # the state people resume (65.5 MB); tiny's 0.5 MB would hide the read
 
 
 def _train_args(run_dir: Path, *overrides: str) -> list[str]:
     return [
         *TRAIN_CMD,
-        "+experiment=tiny",
+        f"+experiment={RESUME_EXPERIMENT}",
         f"hydra.run.dir={run_dir}",
         "trainer.progress_bar=false",
         *overrides,
@@ -525,14 +718,14 @@ def time_to_step(run_dir: Path, args: list[str], want_step: int, log: Path, time
         proc.wait()
 
 
-def bench_resume(work: Path, reps: int, budget_s: float) -> dict[str, Any]:
+def bench_resume(work: Path, reps: int, budget_s: float, base_steps: int = 1) -> dict[str, Any]:
     base = work / "resume-base"
     proc = subprocess.run(
-        _train_args(base, "trainer.max_steps=10"), capture_output=True, text=True, env=_env(), timeout=600
+        _train_args(base, f"trainer.max_steps={base_steps}"), capture_output=True, text=True, env=_env(), timeout=600
     )
     if proc.returncode != 0:
         raise RuntimeError(f"base run failed:\n{proc.stderr[-3000:]}")
-    fresh_t, resume_t, load_s = [], [], []
+    fresh_t, resume_t, load_s, reads = [], [], [], []
     t0 = time.perf_counter()
     for r in range(reps):
         spent = time.perf_counter() - t0
@@ -547,10 +740,12 @@ def bench_resume(work: Path, reps: int, budget_s: float) -> dict[str, Any]:
             else:
                 shutil.copytree(base, run)
                 resume_t.append(
-                    time_to_step(run, _train_args(run, "resume_from=auto", "trainer.max_steps=20"), 11, log)
+                    time_to_step(run, _train_args(run, "resume_from=auto", "trainer.max_steps=20"), base_steps + 1, log)
                 )
-                for line in log.read_text().splitlines():
-                    if "ckpt.load" in line and "secs=" in line:
+                lines = log.read_text().splitlines()
+                reads.append(sum("ckpt.read " in line for line in lines))
+                for line in lines:
+                    if ("ckpt.read " in line or "ckpt.load " in line) and "secs=" in line:
                         load_s.append(float(line.rsplit("secs=", 1)[1].split()[0]))
             shutil.rmtree(run, ignore_errors=True)
     say(f"  resume done: resume {median(resume_t):.2f}s fresh {median(fresh_t):.2f}s")
@@ -561,10 +756,12 @@ def bench_resume(work: Path, reps: int, budget_s: float) -> dict[str, Any]:
             "baseline_s": median(fresh_t),
             "ours_samples_s": resume_t,
             "baseline_samples_s": fresh_t,
-            "ours_bytes": sum(p.stat().st_size for p in (base / "checkpoints" / "step_00000010").iterdir()),
-            "ours": "resilient_train.cli +experiment=tiny resume_from=auto (checkpoint at step 10): Popen -> step 11",
-            "baseline": "resilient_train.cli +experiment=tiny, fresh run dir: Popen -> step 1 recorded",
-            "checkpoint_load_s_in_log": median(load_s) if load_s else None,
+            "ours_bytes": sum(p.stat().st_size for p in (base / "checkpoints" / f"step_{base_steps:08d}").iterdir()),
+            "ours": f"resilient_train.cli +experiment={RESUME_EXPERIMENT} resume_from=auto (checkpoint at step "
+            f"{base_steps}): Popen -> step {base_steps + 1} recorded",
+            "baseline": f"resilient_train.cli +experiment={RESUME_EXPERIMENT}, fresh run dir: Popen -> step 1 recorded",
+            "checkpoint_read_and_load_s_in_log": sum(load_s) / len(resume_t) if load_s else None,
+            "checkpoint_reads_per_resume": reads,
             "ratio_is": "median over adjacent (resume, fresh) pairs of resume seconds / fresh seconds",
             "pair_ratios": pair_ratios,
             "_ratio": median(pair_ratios),
@@ -593,7 +790,7 @@ def print_table(report: dict[str, Any]) -> None:
             f"note: load average {m['loadavg_start'][0]:.1f} at the start on {m['cpus_usable']} cpus: other processes "
             "were running, so every number is noisier (see loadavg_1min beside each result in the JSON)"
         )
-    print(f"{'ratio':26} {'value':>7} {'target':>8} {'ok':>3}  {'ours':>12} {'baseline':>12} {'MB':>7}")
+    print(f"{'ratio':34} {'value':>7} {'target':>8} {'ok':>3}  {'ours':>12} {'baseline':>12} {'MB':>7}  floor")
     for name, value in report["ratios"].items():
         e = report["measurements"][name]
         op, tgt = TARGETS[name]
@@ -603,14 +800,17 @@ def print_table(report: dict[str, Any]) -> None:
         else:
             a, b = f"{e['ours_steps_per_s']:.3f}st/s", f"{e['baseline_steps_per_s']:.3f}st/s"
         mb = f"{e['ours_bytes'] / 1e6:.1f}" if "ours_bytes" in e else ""
-        print(f"{name:26} {value:7.3f} {'' if tgt is None else f'{op}{tgt}':>8} {ok:>3}  {a:>12} {b:>12} {mb:>7}")
+        floor = f"  {e['floor_s']:.3f}s = {e['floor_ratio']:.3f}" if "floor_s" in e else ""
+        print(
+            f"{name:34} {value:7.3f} {'' if tgt is None else f'{op}{tgt}':>8} {ok:>3}  {a:>12} {b:>12} {mb:>7}{floor}"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer repetitions and steps (a smoke test)")
     ap.add_argument("--out", type=Path, default=Path.cwd() / "outputs" / "bench" / "bench.json")
-    ap.add_argument("--only", default="", help="comma-separated sections: save,async,loop64,tiny,resume (dev aid)")
+    ap.add_argument("--only", default="", help="sections: save,hash,async,loop64,often64,tiny,often,resume (dev aid)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     only = set(filter(None, args.only.split(",")))
@@ -640,22 +840,33 @@ def main(argv: list[str] | None = None) -> int:
 
         say("magvit64: building the trainer and taking one step (optimizer state must exist)")
         trainer = Trainer(compose(["+experiment=magvit64", *LOOP_OVERRIDES]), work / "magvit64")
-        if want("save") or want("async") or want("loop64"):
+        if want("save") or want("hash") or want("async") or want("loop64") or want("often64"):
             trainer.train_step()
         if want("save"):
             say("save / load")
             section(bench_save_load, trainer, work / "saveload", reps)
+        if want("hash"):
+            say("hash throughput")
+            section(bench_hash, trainer, work / "hash", reps)
         if want("async"):
             say("async stall")
             section(bench_async, trainer, work / "async", reps)
         if want("loop64"):
             say("loop: magvit64")
             section(bench_loop, trainer, "magvit64", n=2 if q else 3, pairs=1 if q else 3, budget_s=150)
+        if want("often64"):
+            say("checkpoint every step vs never: magvit64")
+            section(bench_save_often, trainer, "magvit64", n=2 if q else 4, pairs=1 if q else 2, budget_s=120)
         del trainer
+        if want("tiny") or want("often"):
+            tiny = Trainer(compose(["+experiment=tiny", *LOOP_OVERRIDES]), work / "tiny")
         if want("tiny"):
             say("loop: tiny")
-            tiny = Trainer(compose(["+experiment=tiny", *LOOP_OVERRIDES]), work / "tiny")
             section(bench_loop, tiny, "tiny", n=10 if q else 20, pairs=2 if q else 6, budget_s=90)
+        if want("often"):
+            say("checkpoint every step vs never: tiny")
+            section(bench_save_often, tiny, "tiny", n=10 if q else 20, pairs=2 if q else 4, budget_s=60)
+        if want("tiny") or want("often"):
             del tiny
         if want("resume"):
             say("resume vs fresh start (subprocesses)")

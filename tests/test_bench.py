@@ -26,11 +26,14 @@ RATIOS = {
     "save_vs_torch_save",
     "save_vs_magvit2_trainer",
     "load_vs_raw_read",
+    "load_vs_raw_read_cold",
     "loop_vs_bare",
     "loop_vs_bare_tiny",
     "loop_vs_bare_magvit64",
     "async_stall_vs_sync",
     "resume_vs_fresh_start",
+    "save_every_step_vs_never_tiny",
+    "save_every_step_vs_never_magvit64",
 }
 
 

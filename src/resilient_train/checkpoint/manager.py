@@ -63,6 +63,11 @@ class CheckpointManager:
         self.last_saved: Path | None = None
         self.last_save_secs: float = 0.0
 
+    @property
+    def snapshot_bytes(self) -> int:
+        """Memory held between async saves by the reused CPU copies of the state's tensors (0 when sync)."""
+        return self._snapshot.nbytes
+
     # -- discovery --------------------------------------------------------------------------
 
     def committed(self) -> list[Path]:
@@ -259,6 +264,10 @@ class _Snapshot:
 
     def __init__(self) -> None:
         self._buffers: list[torch.Tensor] = []
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self._buffers)
 
     def copy(self, state: Any) -> Any:
         old, self._buffers = self._buffers, []
