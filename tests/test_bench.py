@@ -54,12 +54,20 @@ def test_bench_quick_writes_every_ratio(tmp_path):
     for name, value in report["ratios"].items():
         assert isinstance(value, float) and math.isfinite(value) and value > 0, (name, value)
         assert name in report["measurements"], name
+    hashes = report["measurements"].pop("hash_throughput")  # GB/s per algorithm, no ratio
+    assert hashes["format_algorithm"] == "xxh3_128"
+    for group in ("memory_1thread_gb_s", "read_and_hash_gb_s", "read_floor_gb_s"):
+        assert hashes[group] and all(math.isfinite(v) and v > 0 for v in hashes[group].values()), group
+    assert {"xxh3_128", "sha256"} <= set(hashes["memory_1thread_gb_s"])
     for name, m in report["measurements"].items():
         pairs = [("ours_s", "baseline_s"), ("ours_steps_per_s", "baseline_steps_per_s")]
         numbers = [m[k] for pair in pairs if pair[0] in m for k in pair]
         assert numbers and all(math.isfinite(v) and v > 0 for v in numbers), (name, m)
     for name in ("save_vs_raw_fsync", "load_vs_raw_read", "async_stall_vs_sync"):
         assert report["measurements"][name]["ours_bytes"] > 0, name
+    stall = report["measurements"]["async_stall_vs_sync"]
+    assert 0 < stall["floor_s"] and stall["async_extra_bytes_held"] == stall["snapshot_bytes"] > 0
+    assert report["measurements"]["resume_vs_fresh_start"]["checkpoint_reads_per_resume"] == [1]
     machine = report["machine"]
     assert machine["cpu_model"] and machine["cpu_count"] >= 1 and machine["torch"]
     assert machine["disk"]["total_bytes"] > 0
