@@ -41,6 +41,7 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -536,6 +537,18 @@ def _batches(trainer):
         epoch += 1
 
 
+def within_budget(n: int, budget_s: float, name: str) -> Iterator[int]:
+    """0, 1, ... n-1, stopping early (after at least one) when the next would end past ``budget_s``:
+    a busy machine must not stretch the bench."""
+    t0 = time.perf_counter()
+    for i in range(n):
+        spent = time.perf_counter() - t0
+        if i and spent + spent / i > budget_s:
+            say(f"  {name}: stopping after {i} pairs (time budget {budget_s:.0f}s)")
+            return
+        yield i
+
+
 def bare_step(trainer, videos: list, step: int) -> None:
     """One optimizer step written plainly: the work of ``Trainer.train_step`` without its bookkeeping
     (no counters, no ``.item()`` syncs, no metrics). ``tests/test_bench.py`` checks that it leaves the
@@ -600,12 +613,7 @@ def bench_loop(trainer, name: str, n: int, pairs: int, budget_s: float) -> dict[
     fit_d: list[float] = []
     bare_d: list[float] = []
     pair_ratios = []
-    t0 = time.perf_counter()
-    for p in range(pairs):
-        spent = time.perf_counter() - t0
-        if p and spent + spent / p > budget_s:
-            say(f"  {name}: stopping after {p} pairs (time budget {budget_s:.0f}s)")
-            break
+    for p in within_budget(pairs, budget_s, name):
         s = trainer.counters.step
         if p % 2 == 0:
             b = durations(bare_loop(trainer, batches, s, n))
@@ -647,13 +655,8 @@ def bench_save_often(trainer, name: str, n: int, pairs: int, budget_s: float) ->
     saved = (mgr.every_n_steps, mgr.async_save, mgr.keep_last)
     mgr.async_save, mgr.keep_last = True, 1
     secs: dict[str, list[float]] = {"every": [], "never": []}
-    t0 = time.perf_counter()
     try:
-        for p in range(pairs):
-            spent = time.perf_counter() - t0
-            if p and spent + spent / p > budget_s:
-                say(f"  {name}: stopping after {p} pairs (time budget {budget_s:.0f}s)")
-                break
+        for p in within_budget(pairs, budget_s, name):
             for kind in ("every", "never") if p % 2 == 0 else ("never", "every"):
                 mgr.every_n_steps = 1 if kind == "every" else BIG
                 secs[kind].append(sum(durations(fit_steps(trainer, trainer.counters.step, n))))
@@ -726,12 +729,7 @@ def bench_resume(work: Path, reps: int, budget_s: float, base_steps: int = 1) ->
     if proc.returncode != 0:
         raise RuntimeError(f"base run failed:\n{proc.stderr[-3000:]}")
     fresh_t, resume_t, load_s, reads = [], [], [], []
-    t0 = time.perf_counter()
-    for r in range(reps):
-        spent = time.perf_counter() - t0
-        if r and spent + spent / r > budget_s:
-            say(f"  resume: stopping after {r} pairs (time budget {budget_s:.0f}s)")
-            break
+    for r in within_budget(reps, budget_s, "resume"):
         for kind in ("fresh", "resume") if r % 2 == 0 else ("resume", "fresh"):
             run = work / f"{kind}-{r}"
             log = work / f"{kind}-{r}.log"
