@@ -172,8 +172,9 @@ class Chaos(Observer):
             self._record("save_kill", step, phase=phase, path=str(where))
             self._die()
 
-    def on_saved(self, trainer: Any, step: int) -> None:
+    def on_saved(self, trainer: Any, record: dict[str, Any]) -> None:
         """After the step's checkpoint (if any): damage the newest committed one, then crash."""
+        step = record["step"]
         if not self._due("corrupt", step):
             return
         trainer.ckpt.wait()

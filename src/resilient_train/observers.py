@@ -6,7 +6,8 @@
 * ``on_step(trainer, record)`` after each optimizer step (and its evaluation, if any), before the
   step's checkpoint: ``record`` holds ``step``, ``epoch``, the train metrics, ``time`` (when the
   optimizer step ended) and ``val_loss`` (``None`` when the step did not evaluate);
-* ``on_saved(trainer, step)`` after the step's checkpoint decision (whether or not it saved);
+* ``on_saved(trainer, record)`` with the same record, after the step's checkpoint decision (whether
+  or not it saved);
 * ``on_end(trainer, status)`` once, with ``finished``, ``stopped`` or ``failed``, also on an error.
 
 An observer never changes training state, so the bits of a run do not depend on which are attached.
@@ -35,7 +36,7 @@ class Observer:
     def on_step(self, trainer: Trainer, record: dict[str, Any]) -> None:
         pass
 
-    def on_saved(self, trainer: Trainer, step: int) -> None:
+    def on_saved(self, trainer: Trainer, record: dict[str, Any]) -> None:
         pass
 
     def on_end(self, trainer: Trainer, status: str) -> None:
@@ -74,17 +75,15 @@ class HeartbeatObserver(Observer):
     def __init__(self, interval_secs: float, max_steps: int) -> None:
         self.interval_secs, self.max_steps = interval_secs, max_steps
         self.heartbeat: Heartbeat | None = None
-        self.last: dict[str, Any] = {}
 
     def on_start(self, trainer: Trainer) -> None:
         self.heartbeat = Heartbeat(trainer.run_dir, interval_secs=self.interval_secs, max_steps=self.max_steps)
 
-    def on_step(self, trainer: Trainer, record: dict[str, Any]) -> None:
-        self.last = record
-
-    def on_saved(self, trainer: Trainer, step: int) -> None:
+    def on_saved(self, trainer: Trainer, record: dict[str, Any]) -> None:
         latest = trainer.ckpt.last_saved.name if trainer.ckpt.last_saved else None
-        self.heartbeat.beat(step=step, epoch=self.last["epoch"], latest_checkpoint=latest, last_loss=self.last["loss"])
+        self.heartbeat.beat(
+            step=record["step"], epoch=record["epoch"], latest_checkpoint=latest, last_loss=record["loss"]
+        )
 
     def on_end(self, trainer: Trainer, status: str) -> None:
         if self.heartbeat is not None:
@@ -97,7 +96,6 @@ class ProgressObserver(Observer):
     def __init__(self, max_steps: int) -> None:
         self.max_steps = max_steps
         self.bar: Any = None
-        self.last: dict[str, Any] = {}
 
     def on_start(self, trainer: Trainer) -> None:
         from tqdm import tqdm
@@ -111,12 +109,9 @@ class ProgressObserver(Observer):
             file=sys.stderr,
         )
 
-    def on_step(self, trainer: Trainer, record: dict[str, Any]) -> None:
-        self.last = record
-
-    def on_saved(self, trainer: Trainer, step: int) -> None:
+    def on_saved(self, trainer: Trainer, record: dict[str, Any]) -> None:
         self.bar.update(1)
-        self.bar.set_postfix(epoch=self.last["epoch"], loss=f"{self.last['loss']:.4f}", refresh=False)
+        self.bar.set_postfix(epoch=record["epoch"], loss=f"{record['loss']:.4f}", refresh=False)
 
     def on_end(self, trainer: Trainer, status: str) -> None:
         if self.bar is not None:

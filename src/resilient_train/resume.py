@@ -33,6 +33,7 @@ from .checkpoint import (
     CheckpointError,
     CheckpointManager,
     Loaded,
+    committed,
     is_checkpoint_dir,
     move_aside,
     parse_step,
@@ -121,7 +122,7 @@ def plan_resume(cfg: DictConfig, overrides: list[str], run_dir: Path) -> ResumeP
     """Which checkpoint to resume from (read and verified once) and the config to run with."""
     rf = cfg.resume_from
     if rf is None:
-        found = CheckpointManager(run_dir / CHECKPOINTS_DIR).committed()
+        found = committed(run_dir / CHECKPOINTS_DIR)
         if found:
             raise StartupError(
                 f"{run_dir} already holds checkpoints ({found[-1].name}, ...); pass resume_from=auto to "
@@ -166,12 +167,12 @@ def take_over_timeline(run_dir: Path, loaded: Loaded | None) -> None:
     here are set aside so that a later ``resume_from=auto`` cannot pick them up, and history
     records after the step are dropped.
     """
-    mgr = CheckpointManager(run_dir / CHECKPOINTS_DIR)
+    found = committed(run_dir / CHECKPOINTS_DIR)
     if loaded is None:
-        if not mgr.committed():
+        if not found:
             truncate_history(run_dir, 0)
         return
-    for newer in mgr.committed():
+    for newer in found:
         if newer.resolve() != loaded.path.resolve() and parse_step(newer.name) > loaded.step:
             move_aside(newer, "superseded")
     dropped = truncate_history(run_dir, loaded.step)

@@ -329,7 +329,7 @@ class Trainer:
                 if self.ckpt.should_save(c.step, last=c.step == t.max_steps, improved=improved, stopping=stopping):
                     self.save_checkpoint(val_loss=last["val_loss"], is_best=improved and self.ckpt.save_on_best)
                 for obs in observers:
-                    obs.on_saved(self, c.step)
+                    obs.on_saved(self, last)
             self.ckpt.wait()
             status = "finished" if c.step >= t.max_steps else "stopped"
         finally:
