@@ -448,7 +448,7 @@ def test_missing_rng_key_is_an_error(half10, tmp_path):
     run = tmp_path / "run"
     target = ckpt(run, 10)
     shutil.copytree(ckpt(half10, 10), target)
-    rewrite_json_in_checkpoint(target, "state.json", lambda s: s["ranks"]["0"]["rng"].pop("torch"))
+    rewrite_json_in_checkpoint(target, "ranks/0/state.json", lambda s: s["rng"].pop("torch"))
     assert verify_files(target).ok, "the edited checkpoint must still pass the file checks"
 
     proc = run_train(run, f"resume_from={target}", "trainer.max_steps=12", experiment=None, check=False)

@@ -26,10 +26,28 @@ from typing import Any
 import torch
 
 from . import hashing, tree
-from .manifest import MANIFEST, STATE_JSON, STATE_TENSORS, CheckpointError, load_json, read_manifest
+from .manifest import (
+    MANIFEST,
+    RANKS_DIR,
+    STATE_JSON,
+    STATE_TENSORS,
+    CheckpointError,
+    load_json,
+    rank_of,
+    read_manifest,
+)
 from .safetensors_io import Payload, load_safetensors, read_tensors, safetensors_payload, write_pieces
 
-__all__ = ["IO_THREADS", "iter_files", "FileWriter", "Loaded", "load_checkpoint", "VerifyReport", "verify_files"]
+__all__ = [
+    "IO_THREADS",
+    "iter_files",
+    "rank_files",
+    "FileWriter",
+    "Loaded",
+    "load_checkpoint",
+    "VerifyReport",
+    "verify_files",
+]
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +74,21 @@ def iter_files(state: dict[str, Any], tensor_groups: tuple[str, ...]) -> Iterato
             groups.append((name, value))
         else:
             rest[name] = value
-    skeleton, tensors = tree.encode(rest)
-    text = json.dumps(skeleton, sort_keys=True).encode()
-    yield Payload(STATE_JSON, [text], len(text))
-    yield safetensors_payload(STATE_TENSORS, tensors)
+    yield from _state_files(rest, "")
     for name, value in groups:
         yield safetensors_payload(f"{name}.safetensors", value)
+
+
+def rank_files(rank_state: dict[str, Any], rank: int) -> Iterator[Payload]:
+    """The files of the state rank ``rank`` owns: ``ranks/<rank>/state.json`` then ``state.safetensors``."""
+    yield from _state_files(rank_state, f"{RANKS_DIR}/{int(rank)}/")
+
+
+def _state_files(state: dict[str, Any], prefix: str) -> Iterator[Payload]:
+    skeleton, tensors = tree.encode(state)
+    text = json.dumps(skeleton, sort_keys=True).encode()
+    yield Payload(prefix + STATE_JSON, [text], len(text))
+    yield safetensors_payload(prefix + STATE_TENSORS, tensors)
 
 
 def _create(path: Path) -> int:
@@ -215,10 +242,21 @@ def _load_file(ckpt: Path, name: str, entry: dict[str, Any]) -> Any:
     return tensors
 
 
-def _read(ckpt: Path, manifest: dict[str, Any]) -> Loaded:
-    """The one full read: every listed file read once on a few threads, checked, then decoded."""
+def _decode_state(ckpt: Path, prefix: str, results: dict[str, Any]) -> dict[str, Any]:
+    where = ckpt / (prefix + STATE_JSON)
+    state = tree.decode(load_json(results[prefix + STATE_JSON], where), results[prefix + STATE_TENSORS], str(where))
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{where}: malformed state (expected a JSON object)")
+    return state
+
+
+def _read(ckpt: Path, manifest: dict[str, Any], rank: int | None = None) -> Loaded:
+    """The one full read: every listed file (or, with ``rank``, the shared files and that rank's own)
+    read once on a few threads, checked, then decoded; per-rank states land in ``state["ranks"]``."""
     start = time.perf_counter()
     files = manifest["files"]
+    if rank is not None:
+        files = {n: e for n, e in files.items() if rank_of(n) in (None, rank)}
     results: dict[str, Any] = {}
 
     def load(name: str) -> None:
@@ -236,23 +274,28 @@ def _read(ckpt: Path, manifest: dict[str, Any]) -> Loaded:
         raise next((e for e in errors if not isinstance(e, _ParseError)), errors[0])
     state: dict[str, Any] = {}
     for name in files:
-        if name.endswith(".safetensors") and name != STATE_TENSORS:
+        if name.endswith(".safetensors") and name != STATE_TENSORS and rank_of(name) is None:
             state[name[: -len(".safetensors")]] = results[name]
-    where = ckpt / STATE_JSON
-    rest = tree.decode(load_json(results[STATE_JSON], where), results[STATE_TENSORS], str(where))
-    if not isinstance(rest, dict):
-        raise CheckpointError(f"{where}: malformed state (expected a JSON object)")
-    state.update(rest)
+    state.update(_decode_state(ckpt, "", results))
+    owners = sorted({r for n in files if (r := rank_of(n)) is not None})
+    if owners:
+        if not isinstance(state.get("ranks", {}), dict):
+            raise CheckpointError(f"{ckpt / STATE_JSON}: 'ranks' is not a mapping")
+        ranks = state.setdefault("ranks", {})
+        for r in owners:
+            ranks[str(r)] = _decode_state(ckpt, f"{RANKS_DIR}/{r}/", results)
     loaded = Loaded(path=ckpt, manifest=manifest, state=state, nbytes=sum(e["size"] for e in files.values()))
     log.info("ckpt.read path=%s bytes=%d secs=%.3f", ckpt, loaded.nbytes, time.perf_counter() - start)
     return loaded
 
 
-def load_checkpoint(ckpt: Path) -> Loaded:
-    """Read, hash-check and decode a checkpoint. Raises :class:`CheckpointError` (``FileNotFoundError``
-    when there is no such folder)."""
+def load_checkpoint(ckpt: Path, *, rank: int | None = None) -> Loaded:
+    """Read, hash-check and decode a checkpoint (with ``rank``: the shared files and that rank's own only).
+
+    Raises :class:`CheckpointError` (``FileNotFoundError`` when there is no such folder).
+    """
     ckpt = Path(ckpt)
-    return _read(ckpt, read_manifest(ckpt))
+    return _read(ckpt, read_manifest(ckpt), rank)
 
 
 @dataclass

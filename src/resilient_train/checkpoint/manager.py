@@ -1,12 +1,27 @@
 """The checkpoint manager: when to save, atomic commit, retention, the best pointer, resume lookup.
 
 It knows nothing of MAGVIT: callers hand it a dict of state dicts (``{"model": ..., "optim":
-...}``) and name the flat tensor groups that get their own safetensors file.
+...}``) and name the flat tensor groups that get their own safetensors file, plus the state this
+rank owns (RNG, data position), written under ``ranks/<rank>/``.
+
+With ranks, a save is one commit across processes (rank 0 is the only committer):
+
+1. rank 0 makes a fresh temporary folder and tells the ranks its name;
+2. every rank writes and fsyncs its own files there (rank 0 also the shared ones) and sends rank 0
+   its vote: the files' sizes and hashes, a digest of the replicated state, its data position, or
+   the error it hit;
+3. rank 0 checks every vote (every rank present, replicated digests equal, positions equal),
+   writes the manifest listing every rank's files, renames the folder, fsyncs the parent, and tells
+   the ranks the verdict; a refused or failed commit raises on every rank.
+
+Only rank 0 cleans leftovers, purges and moves the best pointer. A death before the rename
+leaves only a temporary folder, ignored and removed at the next start; after it, a complete one.
 """
 
 from __future__ import annotations
 
 import ctypes
+import itertools
 import json
 import logging
 import os
@@ -20,11 +35,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..fsio import TMP_PREFIX, atomic_write, write_durable
+from ..dist import Group
+from ..fsio import TMP_PREFIX, atomic_write, fsync_dir, write_durable
+from . import hashing, tree
 from .atomic import commit_dir, move_aside, remove_dir_safely
-from .files import FileWriter, Loaded, iter_files, verify_files
+from .files import FileWriter, Loaded, iter_files, rank_files, verify_files
 from .layout import BEST_POINTER, SAVE_PHASES, TRASH_PREFIX, committed, read_best, step_dir_name
-from .manifest import MANIFEST, CheckpointError, manifest_bytes
+from .manifest import MANIFEST, RANKS_DIR, CheckpointError, manifest_bytes
 
 __all__ = ["CheckpointManager", "SAVE_PHASES", "SaveHook"]
 
@@ -50,7 +67,14 @@ class CheckpointManager:
         every_n_steps: int = 0,
         save_on_best: bool = False,
         hooks: Sequence[SaveHook] = (),
+        group: Group | None = None,
     ) -> None:
+        self.group = group or Group()
+        if async_save and self.group.distributed:
+            raise ValueError(
+                "checkpoint.async_save=true is not supported with more than one rank (its collectives would "
+                "share the training group from a background thread); set checkpoint.async_save=false"
+            )
         self.root = Path(root)
         self.keep_last = keep_last
         self.async_save = async_save
@@ -138,8 +162,9 @@ class CheckpointManager:
         tensor_groups: tuple[str, ...] = (),
         metadata: dict[str, Any] | None = None,
         on_commit: Callable[[Path], None] | None = None,
+        rank_state: dict[str, Any] | None = None,
     ) -> None:
-        """Save ``state`` as checkpoint ``step``.
+        """Save ``state`` (replicated: rank 0 writes it) and this rank's ``rank_state`` as checkpoint ``step``.
 
         Synchronous by default. With ``async_save`` the tensors are first copied to CPU memory
         (so training may change the originals at once), then encoded, hashed, written and
@@ -151,14 +176,14 @@ class CheckpointManager:
         self.wait()
         metadata = dict(metadata or {})
         if not self.async_save:
-            self._write(step, state, tensor_groups, metadata, on_commit, time.perf_counter())
+            self._write(step, state, rank_state, tensor_groups, metadata, on_commit, time.perf_counter())
             return
         t0 = time.perf_counter()
-        snapshot = self._snapshot.copy(state)
+        snapshot, rank_snapshot = self._snapshot.copy((state, rank_state))
         log.info("ckpt.snapshot step=%d secs=%.3f", step, time.perf_counter() - t0)
         self._thread = threading.Thread(
             target=self._write_in_thread,
-            args=(step, snapshot, tensor_groups, metadata, on_commit, t0),
+            args=(step, snapshot, rank_snapshot, tensor_groups, metadata, on_commit, t0),
             name=f"ckpt-save-{step}",
             daemon=True,
         )
@@ -187,39 +212,114 @@ class CheckpointManager:
         self,
         step: int,
         state: dict[str, Any],
+        rank_state: dict[str, Any] | None,
         tensor_groups: tuple[str, ...],
         metadata: dict[str, Any],
         on_commit: Callable[[Path], None] | None,
         t0: float,
     ) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
+        g = self.group
         final = self.root / step_dir_name(step)
-        tmp = self.root / f"{TMP_PREFIX}{final.name}-{os.getpid()}-{time.monotonic_ns()}"
-        tmp.mkdir()
-        # The files are written, hashed and fsync'd on worker threads, each starting as soon as it
-        # is planned. state.json comes first and alone, so "files_partial" sees exactly one file;
-        # entries() returns once every file is complete and fsync'd.
-        files = iter_files(state, tensor_groups)
-        with FileWriter(tmp) as writer:
-            writer.write_now(next(files))
-            self._phase("files_partial", step, tmp)
-            for payload in files:
-                writer.write(payload)
-            entries = writer.entries()
-        self._phase("files_written", step, tmp)
-        # The manifest goes last: its presence inside the directory means every file it lists is
-        # complete and fsync'd, and it carries each file's hash for later verification.
-        write_durable(tmp / MANIFEST, manifest_bytes(step, entries, metadata))
-        self._phase("before_rename", step, tmp)
-        commit_dir(tmp, final)
-        self._phase("after_rename", step, final)
+        tmp_name = None
+        if g.is_main:
+            self.root.mkdir(parents=True, exist_ok=True)
+            tmp_name = f"{TMP_PREFIX}{final.name}-{os.getpid()}-{time.monotonic_ns()}"  # never reused
+            (self.root / tmp_name).mkdir()
+        tmp = self.root / g.broadcast(tmp_name)
+        vote, failure = self._write_files(step, tmp, state, rank_state, tensor_groups)
+        votes = g.gather(vote)
+        verdict: dict[str, Any] = {}
+        if g.is_main:
+            try:
+                entries = self._check_votes(step, votes)
+                metadata = {**metadata, **g.describe()}
+                if g.distributed:
+                    metadata["replicated_digest"] = votes[0]["digest"]
+                    fsync_dir(tmp / RANKS_DIR)
+                # The manifest goes last: its presence inside the directory means every file it lists
+                # is complete and fsync'd, and it carries each file's hash for later verification.
+                write_durable(tmp / MANIFEST, manifest_bytes(step, entries, metadata))
+                self._phase("before_rename", step, tmp)
+                commit_dir(tmp, final)
+                self._phase("after_rename", step, final)
+                verdict = {"ok": True, "bytes": sum(e["size"] for e in entries.values())}
+            except Exception as exc:
+                if not g.distributed:
+                    raise
+                verdict = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        verdict = g.broadcast(verdict)
+        if failure is not None:
+            raise failure
+        if not verdict["ok"]:
+            raise CheckpointError(f"checkpoint step {step} not committed: {verdict['error']}")
         secs = time.perf_counter() - t0
-        nbytes = sum(e["size"] for e in entries.values())
         self.last_saved, self.last_save_secs = final, secs
-        log.info("ckpt.save step=%d path=%s secs=%.3f bytes=%d", step, final, secs, nbytes)
+        if not g.is_main:
+            return
+        log.info("ckpt.save step=%d path=%s secs=%.3f bytes=%d", step, final, secs, verdict["bytes"])
         if on_commit is not None:
             on_commit(final)
         self.purge()
+
+    def _write_files(
+        self,
+        step: int,
+        tmp: Path,
+        state: dict[str, Any],
+        rank_state: dict[str, Any] | None,
+        tensor_groups: tuple[str, ...],
+    ) -> tuple[dict[str, Any], BaseException | None]:
+        """This rank's files, written and fsync'd: its vote for rank 0, and the error it hit (if any)."""
+        g = self.group
+        vote: dict[str, Any] = {"rank": g.rank}
+        try:
+            # The files are written, hashed and fsync'd on worker threads, each starting as soon as it
+            # is planned. One file comes first and alone, so "files_partial" sees exactly one file;
+            # entries() returns once every file is complete and fsync'd.
+            payloads = iter_files(state, tensor_groups) if g.is_main else iter(())
+            if rank_state is not None:
+                (tmp / RANKS_DIR / str(g.rank)).mkdir(parents=True, exist_ok=True)
+                payloads = itertools.chain(payloads, rank_files(rank_state, g.rank))
+            with FileWriter(tmp) as writer:
+                first = next(payloads, None)
+                if first is not None:
+                    writer.write_now(first)
+                self._phase("files_partial", step, tmp)
+                for payload in payloads:
+                    writer.write(payload)
+                vote["entries"] = writer.entries()
+            if rank_state is not None:
+                fsync_dir(tmp / RANKS_DIR / str(g.rank))
+                vote["position"] = _position(rank_state)
+            if g.distributed:
+                vote["digest"] = replicated_digest(state)
+            self._phase("files_written", step, tmp)
+        except Exception as exc:
+            if not g.distributed:
+                raise
+            return {"rank": g.rank, "error": f"{type(exc).__name__}: {exc}"}, exc
+        return vote, None
+
+    def _check_votes(self, step: int, votes: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        """Rank 0: every rank wrote its files, and the ranks agree on the replicated state and position."""
+        failed = [f"rank {v['rank']}: {v['error']}" for v in votes if "error" in v]
+        if failed:
+            raise CheckpointError("ranks failed to write their files: " + "; ".join(failed))
+        if self.group.distributed:
+            digests = {v["rank"]: v["digest"] for v in votes}
+            if len(set(digests.values())) > 1:
+                odd = [r for r, d in digests.items() if d != digests[0]]
+                raise CheckpointError(
+                    f"ranks {odd} hold replicated state (weights, optimizers, counters) that differs from "
+                    f"rank 0's at step {step}: the ranks have diverged (a bug); commit refused"
+                )
+            positions = {v["rank"]: v.get("position") for v in votes}
+            if len({json.dumps(p, sort_keys=True) for p in positions.values()}) > 1:
+                raise CheckpointError(f"ranks disagree on the data position at step {step}: {positions}")
+        entries: dict[str, dict[str, Any]] = {}
+        for v in votes:
+            entries.update(v["entries"])
+        return entries
 
     # -- retention --------------------------------------------------------------------------
 
@@ -300,3 +400,25 @@ def _cpu_buffer(like: torch.Tensor) -> torch.Tensor:
     if like.device.type != "cpu" or not nbytes:
         return torch.empty(like.shape, dtype=like.dtype, device="cpu")
     return torch.from_numpy(np.empty(nbytes, dtype=np.uint8)).view(like.dtype).reshape(like.shape)
+
+
+def _position(rank_state: dict[str, Any]) -> Any:
+    data = rank_state.get("data") if isinstance(rank_state, dict) else None
+    return data if isinstance(data, dict) else None
+
+
+def replicated_digest(state: dict[str, Any]) -> str:
+    """A hash of the state every rank holds the same copy of (the environment aside: devices differ).
+
+    The committer compares the ranks' digests: ranks whose weights or optimizer moments differ have
+    diverged, and a checkpoint of rank 0's copy would hide it.
+    """
+    skeleton, tensors = tree.encode({k: v for k, v in state.items() if k != "env"})
+    digest = hashing.new()
+    digest.update(json.dumps(skeleton, sort_keys=True, default=str).encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        digest.update(name.encode())
+        if t.numel():
+            digest.update(t.reshape(-1).view(torch.uint8).numpy())
+    return hashing.entry_value(hashing.ALGORITHM, digest.hexdigest())

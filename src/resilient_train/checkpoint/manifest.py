@@ -6,7 +6,11 @@ A checkpoint is a directory holding:
 * ``state.safetensors`` with every other tensor, and ``state.json`` with the rest of the state
   (nested dicts, lists, tuples, numbers, strings) where tensors are referenced by key
   (:mod:`.tree`),
-* ``manifest.json``, written last: each file's size and hash (:mod:`.hashing`), plus the caller's metadata.
+* ``ranks/<r>/state.json`` and ``ranks/<r>/state.safetensors`` for the state each rank owns (its RNG
+  streams and data position), written by rank ``r`` itself (format version 2; version 1 kept it in
+  ``state.json`` and is still read),
+* ``manifest.json``, written last (by rank 0): each file's size and hash (:mod:`.hashing`), the
+  world size and backend, plus the caller's metadata.
 
 Nothing in this package ever unpickles: tensors are read with safetensors
 (:mod:`.safetensors_io`), everything else with ``json``. A file that is not what its name says (a
@@ -26,6 +30,9 @@ from .layout import MANIFEST
 
 __all__ = [
     "FORMAT_VERSION",
+    "READABLE_VERSIONS",
+    "RANKS_DIR",
+    "rank_of",
     "MANIFEST",
     "STATE_JSON",
     "STATE_TENSORS",
@@ -36,7 +43,10 @@ __all__ = [
     "manifest_bytes",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Versions this code reads: 1 (one process, per-rank state inside state.json) and 2 (per-rank files).
+READABLE_VERSIONS = (1, 2)
+RANKS_DIR = "ranks"
 STATE_JSON = "state.json"
 STATE_TENSORS = "state.safetensors"
 _PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05", b"PK\x03\x04")
@@ -64,6 +74,18 @@ def load_json(data: bytes, path: Path) -> Any:
         raise CheckpointError(f"{path}: malformed JSON ({exc})") from None
 
 
+def rank_of(name: str) -> int | None:
+    """The rank owning the listed file ``ranks/<r>/<file>``; ``None`` for a shared file; ``-1`` for a bad name."""
+    if "/" not in name:
+        return None
+    parts = name.split("/")
+    if len(parts) != 3 or parts[0] != RANKS_DIR or not parts[1].isdigit() or str(int(parts[1])) != parts[1]:
+        return -1
+    if not parts[2] or parts[2].startswith("."):
+        return -1
+    return int(parts[1])
+
+
 def _valid_size(entry: Any) -> bool:
     return isinstance(entry, dict) and type(entry.get("size")) is int and entry["size"] >= 0
 
@@ -85,22 +107,39 @@ def read_manifest(ckpt: Path) -> dict[str, Any]:
     for key in ("format_version", "step", "files"):
         if key not in manifest:
             raise CheckpointError(f"{path}: malformed, lacks {key!r}")
-    if manifest["format_version"] != FORMAT_VERSION:
+    if manifest["format_version"] not in READABLE_VERSIONS:
         raise CheckpointError(
-            f"{path}: format_version {manifest['format_version']} is not supported (this code reads {FORMAT_VERSION})"
+            f"{path}: format_version {manifest['format_version']!r} is not supported "
+            f"(this code reads {list(READABLE_VERSIONS)})"
         )
     files = manifest["files"]
     if not isinstance(files, dict) or STATE_JSON not in files or STATE_TENSORS not in files:
         raise CheckpointError(f"{path}: malformed, 'files' must list {STATE_JSON} and {STATE_TENSORS}")
+    world = manifest.get("world_size", 1)
+    if type(world) is not int or world < 1:
+        raise CheckpointError(f"{path}: malformed world_size {world!r}")
+    ranks = set()
     for name, entry in files.items():
-        if "/" in name or name.startswith(".") or not _valid_size(entry):
+        rank = rank_of(name)
+        if rank == -1 or name.startswith(".") or not _valid_size(entry):
             raise CheckpointError(f"{path}: malformed entry for {name!r}")
+        if rank is not None:
+            ranks.add(rank)
         try:
             hashing.parse_entry(entry)
         except hashing.EntryError as exc:
             raise CheckpointError(f"{path}: malformed entry for {name!r}: {exc}") from None
         if not name.endswith((".safetensors", ".json")):
             raise CheckpointError(f"{path}: lists {name!r}, a file type this loader refuses to read")
+    if ranks:  # per-rank files: every rank of the world, each with both files, and no other rank
+        for r in range(world):
+            for base in (STATE_JSON, STATE_TENSORS):
+                if f"{RANKS_DIR}/{r}/{base}" not in files:
+                    raise CheckpointError(
+                        f"{path}: world_size {world} but rank {r}'s {RANKS_DIR}/{r}/{base} is not listed"
+                    )
+        if ranks - set(range(world)):
+            raise CheckpointError(f"{path}: lists files of ranks {sorted(ranks - set(range(world)))} >= world_size")
     return manifest
 
 
