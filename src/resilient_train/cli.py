@@ -11,6 +11,12 @@ Exit status:
   ``resume_from=auto`` to continue); 130 a second SIGINT (immediate exit).
 
 The path of a resume, from the command line to the first batch, is in :mod:`resilient_train.resume`.
+
+Under ``torchrun`` every rank runs this entry point. All ranks share one run directory (by
+default ``outputs/<experiment>/torchrun_<TORCHELASTIC_RUN_ID>``, stable across torchrun's restarts;
+it must be on a filesystem every node sees); rank 0 holds the run lock, writes Hydra's
+``.hydra`` and ``train.log``, and chooses the checkpoint; rank ``r`` logs to ``train_rank<r>.log``.
+A start is refused on every rank when any rank refuses it (exit 2 on all).
 """
 
 from __future__ import annotations
@@ -30,8 +36,9 @@ from omegaconf import DictConfig, OmegaConf
 from .checkpoint import CheckpointError, CheckpointManager
 from .checkpoint.layout import CHECKPOINTS_DIR, run_dir_of
 from .config import CONFIG_DIR, register_configs, validate_config
+from .dist import Group, from_env, rank_from_env, world_size_from_env
 from .fsio import atomic_write
-from .resume import StartupError, check_added_keys, plan_resume, take_over_timeline
+from .resume import StartupError, check_added_keys, plan_chosen, plan_resume, take_over_timeline
 
 if TYPE_CHECKING:
     from .trainer import Trainer
@@ -98,63 +105,136 @@ def prepare_argv(argv: list[str]) -> list[str]:
     checkpoint's, recorded in every manifest).
     """
     rf = _argv_value(argv, "resume_from")
-    if rf is None or rf in ("auto", "null", "None", ""):
-        return argv
-    path = Path(rf).expanduser()
-    if not path.exists():
-        print(f"error: resume_from={rf}: no such checkpoint or run directory: {path.resolve()}", file=sys.stderr)
-        raise SystemExit(EXIT_CONFIG_ERROR)
-    if _argv_value(argv, "hydra.run.dir") is None:
-        argv = [*argv, f"hydra.run.dir={run_dir_of(path)}", "hydra.output_subdir=null"]
+    if rf is not None and rf not in ("auto", "null", "None", ""):
+        path = Path(rf).expanduser()
+        if not path.exists():
+            print(f"error: resume_from={rf}: no such checkpoint or run directory: {path.resolve()}", file=sys.stderr)
+            raise SystemExit(EXIT_CONFIG_ERROR)
+        if _argv_value(argv, "hydra.run.dir") is None:
+            argv = [*argv, f"hydra.run.dir={run_dir_of(path)}", "hydra.output_subdir=null"]
+    if world_size_from_env() > 1:
+        argv = _rank_argv(argv)
     return argv
 
 
-def start(cfg: DictConfig, run_dir: Path, overrides: list[str], lock: RunLock) -> Trainer:
-    """Everything that can refuse a start, then the trainer ready at its first step (see :mod:`.resume`)."""
+def _rank_argv(argv: list[str]) -> list[str]:
+    """Under torchrun: one run directory for every rank and every restart; rank 0 alone writes Hydra's files."""
+    if _argv_value(argv, "hydra.run.dir") is None:
+        run_id = "".join(c for c in os.environ.get("TORCHELASTIC_RUN_ID", "none") if c.isalnum() or c in "-_")
+        argv = [*argv, f"hydra.run.dir=outputs/${{experiment}}/torchrun_{run_id}"]
+    rank = rank_from_env()
+    if rank > 0:
+        if _argv_value(argv, "hydra.output_subdir") is None:
+            argv = [*argv, "hydra.output_subdir=null"]
+        argv = [*argv, f"hydra.job.name=train_rank{rank}"]
+    return argv
+
+
+def start(cfg: DictConfig, run_dir: Path, overrides: list[str], lock: RunLock, group: Group | None = None) -> Trainer:
+    """Everything that can refuse a start, then the trainer ready at its first step (see :mod:`.resume`).
+
+    With ranks: rank 0 takes the lock, removes leftovers and chooses the checkpoint, and tells the
+    others; every rank then builds its trainer and restores; if any rank refuses, all do.
+    """
     from .trainer import Trainer
 
+    g = group or Group()
     check_added_keys(overrides)
-    lock.acquire()
-    CheckpointManager(run_dir / CHECKPOINTS_DIR).cleanup_temporaries()
-    plan = plan_resume(cfg, overrides, run_dir)
-    validate_config(plan.cfg)
-    chaos = None
-    if plan.cfg.chaos.enabled:
-        from .chaos import Chaos  # only imported when chaos is on
-
-        chaos = Chaos(plan.cfg.chaos, run_dir)
-    trainer = Trainer(
-        plan.cfg,
-        run_dir,
-        config_changes=plan.changes,
-        observers=[chaos] if chaos else [],
-        save_hooks=[chaos.save_hook] if chaos else [],
+    plan, refused = None, None
+    if g.is_main:
+        try:
+            lock.acquire()
+            CheckpointManager(run_dir / CHECKPOINTS_DIR).cleanup_temporaries()
+            plan = plan_resume(cfg, overrides, run_dir)
+        except REFUSALS as exc:
+            refused = exc
+    choice = g.broadcast(
+        {"refused": f"{refused}" if refused else None, "path": str(plan.loaded.path) if plan and plan.loaded else None}
     )
-    if plan.loaded is not None:
-        if chaos is not None:
-            chaos.on_resume(trainer, plan.loaded.state)
-        trainer.restore(plan.loaded)
-    take_over_timeline(run_dir, plan.loaded)
-    atomic_write(run_dir / "config.yaml", OmegaConf.to_yaml(plan.cfg))
+    if refused is not None:
+        raise refused
+    if choice["refused"]:
+        raise StartupError(f"rank 0 refused the start: {choice['refused']}")
+    trainer, refused = None, None
+    try:
+        if plan is None:
+            plan = plan_chosen(cfg, overrides, choice["path"], g.rank)
+        trainer = _build(plan, run_dir, g, Trainer)
+    except REFUSALS as exc:
+        refused = exc
+    others = [r for r in g.all_gather(f"rank {g.rank}: {refused}" if refused else None) if r]
+    if refused is not None:
+        raise refused
+    if others:
+        raise StartupError("another rank refused the start: " + "; ".join(others))
+    if g.is_main:
+        take_over_timeline(run_dir, plan.loaded)
+        atomic_write(run_dir / "config.yaml", OmegaConf.to_yaml(plan.cfg))
+    g.barrier()  # the timeline is taken over before any rank writes its history
     t = trainer.cfg.trainer
     resumed = plan.loaded.path if plan.loaded else None
     log.info(
-        "train.start run_dir=%s experiment=%s max_steps=%d resume=%s threads=%d",
+        "train.start run_dir=%s experiment=%s max_steps=%d resume=%s threads=%d rank=%d world_size=%d",
         run_dir,
         trainer.cfg.experiment,
         t.max_steps,
         resumed,
         t.num_threads,
+        g.rank,
+        g.world_size,
     )
     return trainer
+
+
+def _build(plan, run_dir: Path, g: Group, trainer_cls):  # -> Trainer
+    validate_config(plan.cfg)
+    chaos = None
+    if plan.cfg.chaos.enabled:
+        from .chaos import Chaos  # only imported when chaos is on
+
+        chaos = Chaos(plan.cfg.chaos, run_dir, g)
+    trainer = trainer_cls(
+        plan.cfg,
+        run_dir,
+        config_changes=plan.changes,
+        observers=[chaos] if chaos else [],
+        save_hooks=[chaos.save_hook] if chaos else [],
+        group=g,
+    )
+    if plan.loaded is not None:
+        if chaos is not None:
+            chaos.on_resume(trainer, plan.loaded.state)
+        trainer.restore(plan.loaded)
+    return trainer
+
+
+def _check_threads(cfg: DictConfig) -> None:
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    cores = os.cpu_count() or 1
+    if local * cfg.trainer.num_threads > cores:
+        log.warning(
+            "threads.oversubscribed ranks_here=%d x trainer.num_threads=%d > %d cores: every rank will run several "
+            "times slower; pass trainer.num_threads=%d",
+            local,
+            cfg.trainer.num_threads,
+            cores,
+            max(1, cores // local),
+        )
 
 
 def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> int:
     """Start (refusals exit 2), then train (failures exit 1); the run lock is held throughout."""
     lock = RunLock(run_dir)
     try:
+        group = from_env(cfg.trainer.device, cfg.trainer.dist_timeout_secs)
+    except (ValueError, RuntimeError) as exc:
+        log.error("train.refused %s: %s", type(exc).__name__, exc)
+        print(f"error: cannot join the process group: {exc}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    _check_threads(cfg)
+    try:
         try:
-            trainer = start(cfg, run_dir, overrides, lock)
+            trainer = start(cfg, run_dir, overrides, lock, group)
         except REFUSALS as exc:
             log.error("train.refused %s: %s", type(exc).__name__, exc)
             print(f"error: {exc}", file=sys.stderr)
@@ -167,6 +247,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> int:
             return EXIT_FAILED
     finally:
         lock.release()
+        group.close()
 
 
 register_configs()

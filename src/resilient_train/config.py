@@ -117,6 +117,8 @@ class TrainerConfig:
     num_samples: int = 2
     heartbeat_secs: float = 10.0
     progress_bar: bool = True
+    # With ranks (torchrun): how long a collective waits for a peer before failing (then torchrun restarts).
+    dist_timeout_secs: float = 120.0
     ema: EMAConfig = field(default_factory=EMAConfig)
 
 
@@ -132,6 +134,9 @@ class CheckpointConfig:
 @dataclass
 class ResumeConfig:
     allow_config_change: bool = False
+    # Resume on a different number of ranks: exact weights and optimizer state, the data position
+    # converted through samples consumed, fresh per-rank RNG streams (no bitwise continuity; recorded).
+    allow_world_size_change: bool = False
 
 
 @dataclass
@@ -177,6 +182,7 @@ RESUME_SAFE_KEYS: tuple[str, ...] = (
     "trainer.log_every_n_steps",
     "trainer.heartbeat_secs",
     "trainer.progress_bar",
+    "trainer.dist_timeout_secs",
     "trainer.num_samples",
     "checkpoint.",
     "chaos.",
@@ -307,6 +313,7 @@ def validate_config(cfg: Any) -> None:
     need(t.grad_accum_steps >= 1, "trainer.grad_accum_steps", t.grad_accum_steps, "must be >= 1")
     need(t.num_threads >= 1, "trainer.num_threads", t.num_threads, "must be >= 1")
     need(t.eval_every_n_steps >= 1, "trainer.eval_every_n_steps", t.eval_every_n_steps, "must be >= 1")
+    need(t.dist_timeout_secs > 0, "trainer.dist_timeout_secs", t.dist_timeout_secs, "must be > 0")
     need(t.log_every_n_steps >= 1, "trainer.log_every_n_steps", t.log_every_n_steps, "must be >= 1")
     need(0 < t.ema.decay < 1, "trainer.ema.decay", t.ema.decay, "must be in (0, 1)")
     need(t.device == "cpu" or t.device.startswith("cuda"), "trainer.device", t.device, "must be 'cpu' or 'cuda[:N]'")

@@ -410,12 +410,31 @@ class ResumableSampler(Sampler[int]):
     The permutation comes from a private ``torch.Generator`` seeded from ``(seed, epoch)`` alone, so
     a run resumed at batch ``b`` with ``start_index = b * batch_size`` sees exactly the indices the
     uninterrupted run would have seen from that point on.
+
+    With ranks (``world_size > 1``) every rank computes the same permutation and takes its own
+    slice of each global batch: global batch ``g`` is ``perm[g*W*B : (g+1)*W*B]`` and rank ``r``
+    reads ``perm[(g*W + r)*B : (g*W + r + 1)*B]`` (``B = batch_size``). ``start_index`` is then
+    ``b * W * B``; only whole global batches are yielded, so every rank runs the same number of steps.
     """
 
-    def __init__(self, length: int, *, seed: int, epoch: int, start_index: int = 0) -> None:
+    def __init__(
+        self,
+        length: int,
+        *,
+        seed: int,
+        epoch: int,
+        start_index: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        batch_size: int = 1,
+    ) -> None:
         self.length, self.start_index = _check_start(length, start_index)
         self.seed = int(seed)
         self.epoch = int(epoch)
+        _check_positive(world_size=world_size, batch_size=batch_size)
+        if not 0 <= int(rank) < int(world_size):
+            raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+        self.rank, self.world_size, self.batch_size = int(rank), int(world_size), int(batch_size)
 
     def permutation(self) -> list[int]:
         """The whole epoch's order, including the positions skipped by ``start_index``."""
@@ -423,11 +442,23 @@ class ResumableSampler(Sampler[int]):
         g.manual_seed(_mix_seed(self.seed, self.epoch))
         return torch.randperm(self.length, generator=g).tolist()
 
+    def _indices(self) -> list[int]:
+        perm = self.permutation()
+        if self.world_size == 1:
+            return perm[self.start_index :]
+        step, b = self.world_size * self.batch_size, self.batch_size
+        out: list[int] = []
+        for start in range(self.start_index, self.length - step + 1, step):
+            out += perm[start + self.rank * b : start + (self.rank + 1) * b]
+        return out
+
     def __iter__(self) -> Iterator[int]:
-        return iter(self.permutation()[self.start_index :])
+        return iter(self._indices())
 
     def __len__(self) -> int:
-        return self.length - self.start_index
+        if self.world_size == 1:
+            return self.length - self.start_index
+        return (self.length - self.start_index) // (self.world_size * self.batch_size) * self.batch_size
 
 
 class SequentialResumableSampler(Sampler[int]):
@@ -493,11 +524,11 @@ def build_datasets(data_cfg: Any, seed: int) -> tuple[Dataset, Dataset]:
     raise ValueError(f"unknown data.name {name!r}; expected 'synthetic' or 'folder'")
 
 
-def batches_per_epoch(dataset: Dataset, data_cfg: Any) -> int:
-    """Full batches per epoch (the loader drops the last partial batch)."""
+def batches_per_epoch(dataset: Dataset, data_cfg: Any, world_size: int = 1) -> int:
+    """Full global batches per epoch (``world_size`` ranks x ``data.batch_size`` clips; the rest is dropped)."""
     batch_size = int(_cfg_get(data_cfg, "batch_size"))
-    _check_positive(batch_size=batch_size)
-    return len(dataset) // batch_size  # type: ignore[arg-type]
+    _check_positive(batch_size=batch_size, world_size=world_size)
+    return len(dataset) // (batch_size * world_size)  # type: ignore[arg-type]
 
 
 def build_loader(
@@ -508,11 +539,14 @@ def build_loader(
     epoch: int,
     start_batch: int = 0,
     shuffle: bool = True,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> DataLoader:
-    """A loader over one epoch, starting at batch ``start_batch`` of that epoch's fixed order.
+    """A loader over one epoch, starting at (global) batch ``start_batch`` of that epoch's fixed order.
 
     Iterating it never touches the global RNGs: the order comes from :class:`ResumableSampler` and
-    the loader's worker base seed from its own generator seeded from ``(seed, epoch)``.
+    the loader's worker base seed from its own generator seeded from ``(seed, epoch)``. With ranks,
+    this rank's slice of every global batch (see :class:`ResumableSampler`).
     """
     batch_size = int(_cfg_get(data_cfg, "batch_size"))
     num_workers = int(_cfg_get(data_cfg, "num_workers", 0))
@@ -520,14 +554,24 @@ def build_loader(
     if num_workers < 0:
         raise ValueError(f"data.num_workers must be >= 0, got {num_workers}")
     length = len(dataset)  # type: ignore[arg-type]
-    n_batches = length // batch_size
+    n_batches = length // (batch_size * world_size)
     if not 0 <= int(start_batch) <= n_batches:
         raise ValueError(f"start_batch must be in [0, {n_batches}] (batches per epoch), got {start_batch}")
-    start_index = int(start_batch) * batch_size
+    start_index = int(start_batch) * batch_size * world_size
     sampler: Sampler[int]
     if shuffle:
-        sampler = ResumableSampler(length, seed=seed, epoch=epoch, start_index=start_index)
+        sampler = ResumableSampler(
+            length,
+            seed=seed,
+            epoch=epoch,
+            start_index=start_index,
+            rank=rank,
+            world_size=world_size,
+            batch_size=batch_size,
+        )
     else:
+        if world_size != 1:
+            raise ValueError("an unshuffled loader (evaluation) is read by one rank only")
         sampler = SequentialResumableSampler(length, start_index=start_index)
 
     generator = torch.Generator()

@@ -11,20 +11,42 @@
 * ``on_end(trainer, status)`` once, with ``finished``, ``stopped`` or ``failed``, also on an error.
 
 An observer never changes training state, so the bits of a run do not depend on which are attached.
+
+With ranks, rank 0 writes the run's files (``history.jsonl``, ``heartbeat.json``, the progress bar);
+every rank writes ``ranks/<r>/heartbeat.json`` (pid, step, restart count) so that ``status`` and the
+orchestrator can see each rank, and ranks other than 0 log their own losses to
+``ranks/<r>/history.jsonl`` (the losses before the gradient exchange differ per rank).
 """
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .fsio import atomic_write
 from .monitor import Heartbeat, HistoryWriter
 
 if TYPE_CHECKING:
     from .trainer import Trainer
 
-__all__ = ["Observer", "HistoryObserver", "HeartbeatObserver", "ProgressObserver", "default_observers"]
+__all__ = [
+    "Observer",
+    "HistoryObserver",
+    "HeartbeatObserver",
+    "RankHeartbeatObserver",
+    "ProgressObserver",
+    "default_observers",
+    "rank_dir",
+]
+
+
+def rank_dir(run_dir: str | os.PathLike, rank: int) -> Path:
+    """``RUN/ranks/<rank>``: the per-rank side files (heartbeat; history of ranks other than 0)."""
+    return Path(run_dir) / "ranks" / str(int(rank))
 
 
 class Observer:
@@ -48,12 +70,13 @@ class HistoryObserver(Observer):
 
     TRAIN_KEYS = ("loss", "recon_loss", "discr_loss", "grad_norm", "lr")
 
-    def __init__(self, every: int) -> None:
+    def __init__(self, every: int, rank: int = 0) -> None:
         self.every = every
+        self.rank = rank
         self.writer: HistoryWriter | None = None
 
     def on_start(self, trainer: Trainer) -> None:
-        self.writer = HistoryWriter(trainer.run_dir)
+        self.writer = HistoryWriter(rank_dir(trainer.run_dir, self.rank) if self.rank else trainer.run_dir)
 
     def on_step(self, trainer: Trainer, record: dict[str, Any]) -> None:
         step, epoch = record["step"], record["epoch"]
@@ -90,6 +113,38 @@ class HeartbeatObserver(Observer):
             self.heartbeat.close(status)
 
 
+class RankHeartbeatObserver(Observer):
+    """``RUN/ranks/<r>/heartbeat.json``: this rank's pid, step, torchrun restart count and status."""
+
+    def __init__(self, interval_secs: float, rank: int, restart: int) -> None:
+        self.interval_secs, self.rank, self.restart = interval_secs, rank, restart
+        self._last = 0.0
+
+    def _write(self, trainer: Trainer, status: str) -> None:
+        record = {
+            "rank": self.rank,
+            "pid": os.getpid(),
+            "step": trainer.counters.step,
+            "restart": self.restart,
+            "status": status,
+            "time": time.time(),
+        }
+        path = rank_dir(trainer.run_dir, self.rank) / "heartbeat.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, json.dumps(record) + "\n")
+        self._last = time.monotonic()
+
+    def on_start(self, trainer: Trainer) -> None:
+        self._write(trainer, "running")
+
+    def on_saved(self, trainer: Trainer, record: dict[str, Any]) -> None:
+        if time.monotonic() - self._last >= self.interval_secs:
+            self._write(trainer, "running")
+
+    def on_end(self, trainer: Trainer, status: str) -> None:
+        self._write(trainer, status)
+
+
 class ProgressObserver(Observer):
     """A tqdm bar on stderr."""
 
@@ -118,10 +173,19 @@ class ProgressObserver(Observer):
             self.bar.close()
 
 
-def default_observers(trainer_cfg: Any) -> list[Observer]:
-    """History and heartbeat always; the progress bar when ``trainer.progress_bar``."""
+def default_observers(trainer_cfg: Any, group: Any = None) -> list[Observer]:
+    """History and heartbeat always; the progress bar when ``trainer.progress_bar`` (rank 0's run files);
+    with ranks, every rank's own heartbeat, and the losses of the ranks other than 0."""
     t = trainer_cfg
-    out: list[Observer] = [HistoryObserver(t.log_every_n_steps), HeartbeatObserver(t.heartbeat_secs, t.max_steps)]
-    if t.progress_bar:
-        out.append(ProgressObserver(t.max_steps))
+    if group is None or not group.distributed:
+        out: list[Observer] = [HistoryObserver(t.log_every_n_steps), HeartbeatObserver(t.heartbeat_secs, t.max_steps)]
+        if t.progress_bar:
+            out.append(ProgressObserver(t.max_steps))
+        return out
+    out = [HistoryObserver(t.log_every_n_steps, group.rank)]
+    if group.is_main:
+        out.append(HeartbeatObserver(t.heartbeat_secs, t.max_steps))
+        if t.progress_bar:
+            out.append(ProgressObserver(t.max_steps))
+    out.append(RankHeartbeatObserver(t.heartbeat_secs, group.rank, group.restart))
     return out

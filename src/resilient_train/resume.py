@@ -35,6 +35,7 @@ from .checkpoint import (
     Loaded,
     committed,
     is_checkpoint_dir,
+    load_checkpoint,
     move_aside,
     parse_step,
     verify_files,
@@ -42,12 +43,14 @@ from .checkpoint import (
 from .checkpoint.layout import CHECKPOINTS_DIR
 from .config import TrainConfig, flatten, is_resume_safe, to_plain
 from .monitor import truncate_history
+from .observers import rank_dir
 
 __all__ = [
     "StartupError",
     "ConfigDriftError",
     "ResumePlan",
     "plan_resume",
+    "plan_chosen",
     "take_over_timeline",
     "config_diff",
     "check_added_keys",
@@ -119,7 +122,11 @@ def _choose(rf: str, run_dir: Path) -> Loaded | None:
 
 
 def plan_resume(cfg: DictConfig, overrides: list[str], run_dir: Path) -> ResumePlan:
-    """Which checkpoint to resume from (read and verified once) and the config to run with."""
+    """Which checkpoint to resume from (read and verified once) and the config to run with.
+
+    With ranks, rank 0 alone calls this (it verifies every rank's files and sets damaged
+    checkpoints aside); the other ranks follow its choice with :func:`plan_chosen`.
+    """
     rf = cfg.resume_from
     if rf is None:
         found = committed(run_dir / CHECKPOINTS_DIR)
@@ -129,7 +136,17 @@ def plan_resume(cfg: DictConfig, overrides: list[str], run_dir: Path) -> ResumeP
                 "continue that run, or choose another hydra.run.dir"
             )
         return ResumePlan(cfg)
-    loaded = _choose(rf, run_dir)
+    return _plan(cfg, overrides, _choose(rf, run_dir))
+
+
+def plan_chosen(cfg: DictConfig, overrides: list[str], path: str | None, rank: int) -> ResumePlan:
+    """A rank other than 0: the checkpoint rank 0 chose (``None``: fresh), reading only the shared
+    files and this rank's own (each hash-checked)."""
+    return _plan(cfg, overrides, load_checkpoint(Path(path), rank=rank) if path else None)
+
+
+def _plan(cfg: DictConfig, overrides: list[str], loaded: Loaded | None) -> ResumePlan:
+    rf = cfg.resume_from
     if loaded is None:
         return ResumePlan(cfg)
     if not isinstance(loaded.state.get("config"), dict):
@@ -170,14 +187,21 @@ def take_over_timeline(run_dir: Path, loaded: Loaded | None) -> None:
     found = committed(run_dir / CHECKPOINTS_DIR)
     if loaded is None:
         if not found:
-            truncate_history(run_dir, 0)
+            _truncate_histories(run_dir, 0)
         return
     for newer in found:
         if newer.resolve() != loaded.path.resolve() and parse_step(newer.name) > loaded.step:
             move_aside(newer, "superseded")
-    dropped = truncate_history(run_dir, loaded.step)
+    dropped = _truncate_histories(run_dir, loaded.step)
     if dropped:
         log.info("resume.history_truncated records=%d after step=%d", dropped, loaded.step)
+
+
+def _truncate_histories(run_dir: Path, step: int) -> int:
+    """Cut ``history.jsonl`` and every rank's ``ranks/<r>/history.jsonl`` back to ``step``."""
+    ranks = run_dir / "ranks"
+    others = [rank_dir(run_dir, int(p.name)) for p in ranks.iterdir() if p.name.isdigit()] if ranks.is_dir() else []
+    return sum(truncate_history(d, step) for d in [run_dir, *others])
 
 
 def config_diff(old: Any, new: Any) -> list[str]:

@@ -14,13 +14,18 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["RNGState", "seed_everything", "RNGRestoreError"]
+__all__ = ["RNGState", "seed_everything", "rank_seed", "RNGRestoreError"]
 
 log = logging.getLogger(__name__)
 
 
 class RNGRestoreError(RuntimeError):
     """The saved RNG state cannot be restored exactly on this machine."""
+
+
+def rank_seed(seed: int, rank: int, step: int = 0) -> int:
+    """A seed of its own for each rank's random stream (and, after a world-size change, each step)."""
+    return int(np.random.SeedSequence([int(seed) % 2**64, 0x5A4B, int(rank), int(step)]).generate_state(1)[0])
 
 
 def seed_everything(seed: int) -> None:
@@ -30,7 +35,19 @@ def seed_everything(seed: int) -> None:
 
 
 class RNGState:
-    """A ``Stateful`` view of the process-global generators."""
+    """A ``Stateful`` view of the process-global generators.
+
+    ``cuda_devices``: the CUDA devices whose generators belong to this process; ``None`` means every
+    visible one (one process), a rank on a GPU passes its own device only.
+    """
+
+    def __init__(self, cuda_devices: list[int] | None = None) -> None:
+        self.cuda_devices = cuda_devices
+
+    def _devices(self) -> list[int]:
+        if not torch.cuda.is_available():
+            return []
+        return list(range(torch.cuda.device_count())) if self.cuda_devices is None else list(self.cuda_devices)
 
     def state_dict(self) -> dict[str, Any]:
         version, mt, gauss = random.getstate()
@@ -47,12 +64,10 @@ class RNGState:
             "torch": torch.get_rng_state(),
             "cuda": [],
         }
-        if torch.cuda.is_available():
-            state["cuda"] = [s.cpu() for s in torch.cuda.get_rng_state_all()]
+        state["cuda"] = [torch.cuda.get_rng_state(d).cpu() for d in self._devices()]
         return state
 
-    @staticmethod
-    def check(state: Any) -> None:
+    def check(self, state: Any) -> None:
         """Raise :class:`RNGRestoreError` unless ``state`` can be restored exactly here (nothing is applied)."""
         if not isinstance(state, dict):
             raise RNGRestoreError(f"checkpoint RNG state is a {type(state).__name__}, not a mapping")
@@ -60,7 +75,7 @@ class RNGState:
         if missing:
             raise RNGRestoreError(f"checkpoint RNG state lacks {missing}; cannot resume bit-exactly")
         n_saved = len(state["cuda"])
-        n_here = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        n_here = len(self._devices())
         if n_saved != n_here:
             raise RNGRestoreError(
                 f"checkpoint holds RNG state for {n_saved} CUDA device(s) but {n_here} are visible here; "
@@ -69,7 +84,6 @@ class RNGState:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.check(state)
-        n_saved = len(state["cuda"])
         py = state["python"]
         random.setstate((int(py["version"]), tuple(int(v) for v in py["state"].tolist()), py["gauss"]))
         np_ = state["numpy"]
@@ -82,5 +96,5 @@ class RNGState:
             }
         )
         torch.set_rng_state(state["torch"].to(torch.uint8))
-        if n_saved:
-            torch.cuda.set_rng_state_all([s.to(torch.uint8) for s in state["cuda"]])
+        for device, s in zip(self._devices(), state["cuda"]):
+            torch.cuda.set_rng_state(s.to(torch.uint8), device)

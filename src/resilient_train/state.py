@@ -94,10 +94,10 @@ class RankState:
     before the first batch: building the data loader must not disturb the generators it restores.
     """
 
-    def __init__(self, rank: int, position: DataPosition) -> None:
+    def __init__(self, rank: int, position: DataPosition, cuda_devices: list[int] | None = None) -> None:
         self.rank = rank
         self.position = position
-        self.rng = RNGState()
+        self.rng = RNGState(cuda_devices)
         self.pending_rng: dict[str, Any] | None = None
 
     def state_dict(self) -> dict[str, Any]:
@@ -109,7 +109,7 @@ class RankState:
             raise StateError(f"checkpoint lacks ranks/{key}; cannot resume exactly")
         mine = state[key]
         _need(mine, ("rng", "data"), f"ranks/{key}")
-        RNGState.check(mine["rng"])
+        self.rng.check(mine["rng"])
         self.position.load_state_dict(mine["data"])
         self.pending_rng = mine["rng"]
 

@@ -5,10 +5,17 @@ schedules, counters, this rank's RNG and data position); saving, loading and the
 check all iterate it. Policy lives elsewhere: the checkpoint manager answers "save now?", step
 observers (:mod:`.observers`: history, heartbeat, progress bar, chaos) watch the loop, and the
 CLI (:mod:`.cli`) decides what to resume from (:mod:`.resume`).
+
+With ranks (:mod:`.dist`, under torchrun) the same loop runs on every rank, as in nanoGPT: the
+model is wrapped in DDP (gradients averaged; ``no_sync`` on all but the last micro-batch), each
+rank reads its own slice of every global batch and draws from its own random streams, rank 0
+alone evaluates (and tells the others the result) and writes the run's files, and the decision
+to stop is collective, so every rank saves at the same step or none does.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -24,10 +31,11 @@ from .checkpoint import CheckpointError, CheckpointManager, Loaded
 from .checkpoint.manager import SaveHook
 from .config import TrainConfig, TrainerConfig, config_hash, to_plain, typed
 from .data import batches_per_epoch, build_datasets, build_loader
+from .dist import Group
 from .model import build_model
 from .monitor import plot_loss, save_sample_grid
 from .observers import Observer, default_observers
-from .rng import seed_everything
+from .rng import RNGState, rank_seed, seed_everything
 from .state import (
     EMA,
     DataPosition,
@@ -83,20 +91,26 @@ class Trainer:
         config_changes: Sequence[str] = (),
         observers: Sequence[Observer] = (),
         save_hooks: Sequence[SaveHook] = (),
-        rank: int = 0,
+        group: Group | None = None,
     ) -> None:
         self.cfg = cfg = typed(cfg)
+        self.group = g = group or Group()
         self.run_dir = Path(run_dir)
         self.config_changes = list(config_changes)
         self.observers = list(observers)
         t, o, m = cfg.trainer, cfg.optimizer, cfg.model
         configure_process(t)
         self.device = torch.device(t.device)
+        if g.distributed and self.device.type == "cuda":
+            self.device = torch.device("cuda", g.local_rank)  # one GPU per rank: LOCAL_RANK's
         self.accum = t.grad_accum_steps
         self.use_gan = m.use_gan
         seed_everything(cfg.seed)  # right before the model is built: its initial weights follow the seed
 
         self.model = build_model(m).to(self.device)
+        if g.distributed:  # the same initial weights everywhere, then a random stream of each rank's own
+            seed_everything(rank_seed(cfg.seed, g.rank))
+        self.net: torch.nn.Module = self.model  # what the loop calls: the model, or DDP around it (fit)
         betas = tuple(o.betas)
         self.opt_gen = torch.optim.AdamW(self.model.parameters(), lr=o.lr, betas=betas, weight_decay=o.weight_decay)
         self.opt_discr = torch.optim.AdamW(
@@ -108,15 +122,16 @@ class Trainer:
         self.ema = EMA(self.model, t.ema.decay, t.ema.update_every) if t.ema.enabled else None
 
         self.train_ds, self.val_ds = build_datasets(cfg.data, cfg.seed)
-        self.batches_per_epoch = batches_per_epoch(self.train_ds, cfg.data)
+        self.batches_per_epoch = batches_per_epoch(self.train_ds, cfg.data, g.world_size)
         if self.batches_per_epoch < 1:
             raise ValueError(
-                f"data: the train split holds {len(self.train_ds)} clips, fewer than one batch "
-                f"(data.batch_size={cfg.data.batch_size})"
+                f"data: the train split holds {len(self.train_ds)} clips, fewer than one global batch "
+                f"(data.batch_size={cfg.data.batch_size} per rank x {g.world_size} rank(s))"
             )
         self.counters = TrainCounters()
         self.position = DataPosition()
-        self.rank = RankState(rank, self.position)
+        cuda = [self.device.index] if g.distributed and self.device.type == "cuda" else None
+        self.rank = RankState(g.rank, self.position, cuda)
         parts = (self.model, self.opt_gen, self.opt_discr, self.sched_gen, self.sched_discr, self.counters, self.rank)
         self.states: dict[str, Any] = dict(zip(REQUIRED_PARTS, parts))
         if self.ema is not None:
@@ -129,10 +144,13 @@ class Trainer:
             every_n_steps=ck.every_n_steps,
             save_on_best=ck.save_on_best,
             hooks=save_hooks,
+            group=g,
         )
-        self.env = capture_env(str(self.device))
+        self.env = capture_env(t.device if g.distributed else str(self.device))  # the same on every rank
         # Fixed for the run: computed once, not at every save.
         self._metadata = {"config_hash": config_hash(cfg), "versions": package_versions(), "env": self.env}
+        if g.distributed:
+            self._metadata["global_batch"] = cfg.data.batch_size * g.world_size * self.accum
         self._iter = None
         self.stop_signal: int | None = None
 
@@ -161,6 +179,7 @@ class Trainer:
         """Load a verified checkpoint: environment check, every part strictly, counters against the manifest."""
         t0 = time.perf_counter()
         self.config_changes += check_env(loaded.state.get("env"), self.env, allow=self.cfg.resume.allow_config_change)
+        self._check_world_size(loaded)
         try:
             self.load_state_dict(loaded.state)
         except (StateError, RuntimeError, KeyError, TypeError, ValueError) as exc:
@@ -177,6 +196,41 @@ class Trainer:
             loaded.path,
         )
 
+    def _check_world_size(self, loaded: Loaded) -> None:
+        """Refuse a checkpoint of another world size, or (when allowed) carry it over and say so."""
+        saved, here = loaded.manifest.get("world_size", 1), self.group.world_size
+        if saved == here:
+            return
+        if not self.cfg.resume.allow_world_size_change:
+            raise StateError(
+                f"{loaded.path} was written by {saved} rank(s) but this run has {here}: per-rank RNG streams and "
+                f"data slices cannot carry over bit for bit. Start with {saved} rank(s) (torchrun --nproc-per-node "
+                f"{saved}), or pass resume.allow_world_size_change=true to continue with exact weights and "
+                "optimizer state but fresh per-rank random streams (recorded: no bitwise continuity)"
+            )
+        cfg_saved = loaded.state.get("config") or {}
+        batch_saved = int(cfg_saved.get("data", {}).get("batch_size", self.cfg.data.batch_size))
+        epoch, done = int(loaded.manifest.get("epoch", 0)), int(loaded.manifest.get("batch_in_epoch", 0))
+        samples = done * batch_saved * saved  # samples consumed in the current epoch
+        per_batch = self.cfg.data.batch_size * here
+        if samples % per_batch:
+            raise StateError(
+                f"{loaded.path}: {samples} samples of epoch {epoch} consumed by {saved} rank(s) is not a whole number "
+                f"of global batches of {per_batch} on {here} rank(s); resume on {saved} rank(s)"
+            )
+        step, rank = loaded.step, self.group.rank
+        seed_everything(rank_seed(self.cfg.seed, rank, step))  # applied right before the first batch, as any
+        rng = RNGState(self.rank.rng.cuda_devices).state_dict()
+        loaded.state["ranks"] = {
+            str(rank): {"rng": rng, "data": {"epoch": epoch, "batch_in_epoch": samples // per_batch}}
+        }
+        note = (
+            f"world_size: {saved} -> {here} at step {step} (resume.allow_world_size_change: data position "
+            f"converted through {samples} samples consumed, fresh per-rank RNG streams; no bitwise continuity)"
+        )
+        log.warning("resume.world_size_change %s", note)
+        self.config_changes.append(note)
+
     # -- data -------------------------------------------------------------------------------
 
     def next_batch(self) -> torch.Tensor:
@@ -191,13 +245,43 @@ class Trainer:
                 seed=self.cfg.seed,
                 epoch=self.position.epoch,
                 start_batch=self.position.batch_in_epoch,
+                rank=self.group.rank,
+                world_size=self.group.world_size,
             )
             self._iter = iter(loader)
             self.rank.apply_pending_rng()  # after the loader is rebuilt, before the first batch
         batch = next(self._iter)
         self.position.batch_in_epoch += 1
-        self.counters.samples_seen += batch.shape[0]
+        self.counters.samples_seen += batch.shape[0] * self.group.world_size  # global: the same on every rank
         return batch.to(self.device, non_blocking=False)
+
+    # -- ranks ------------------------------------------------------------------------------
+
+    def wrap_ddp(self) -> None:
+        """Put DDP around the tokenizer (all ranks together, after any restore).
+
+        ``find_unused_parameters``: the generator pass leaves no parameter unused, but the
+        discriminator pass uses the discriminator only (as magvit2-pytorch's own trainer). It also
+        keeps the bucket layout fixed: DDP rebuilds buckets in gradient-ready order only when it is
+        off, so a resumed process reduces in the same order as the uninterrupted one. The gradient
+        penalty's ``autograd.grad`` is taken with respect to the frames, never the parameters, so
+        it does not trigger DDP's hooks; its effect reaches the parameters through the normal
+        backward of the discriminator loss.
+        """
+        if not self.group.distributed or self.net is not self.model:
+            return
+        from torch.nn.parallel import DistributedDataParallel
+
+        dev = [self.device.index] if self.device.type == "cuda" else None
+        self.net = DistributedDataParallel(
+            self.model, device_ids=dev, find_unused_parameters=True, forward_sync_buffers=False
+        )
+
+    def _sync(self, last: bool):
+        """DDP averages gradients on the last micro-batch only (``no_sync`` before it)."""
+        if last or self.net is self.model:
+            return contextlib.nullcontext()
+        return self.net.no_sync()
 
     # -- one optimizer step -----------------------------------------------------------------
 
@@ -208,9 +292,10 @@ class Trainer:
         self.opt_gen.zero_grad(set_to_none=True)
         batches = [self.next_batch() for _ in range(self.accum)]
         loss_sum = recon_sum = 0.0
-        for video in batches:
-            loss, parts = self.model(video, return_loss=True, video_contains_first_frame=vcff)
-            (loss / self.accum).backward()
+        for i, video in enumerate(batches):
+            with self._sync(i == len(batches) - 1):
+                loss, parts = self.net(video, return_loss=True, video_contains_first_frame=vcff)
+                (loss / self.accum).backward()
             loss_sum += loss.item() / self.accum
             recon_sum += parts.recon_loss.item() / self.accum
         gen_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), o.max_grad_norm)
@@ -222,7 +307,7 @@ class Trainer:
             # are zeroed first: the generator's adversarial loss also reached the discriminator.
             self.opt_discr.zero_grad(set_to_none=True)
             gp = self.counters.step % m.grad_penalty_every == 0
-            dloss, _ = self.model(
+            dloss, _ = self.net(
                 batches[-1], return_discr_loss=True, apply_gradient_penalty=gp, video_contains_first_frame=vcff
             )
             dloss.backward()
@@ -268,7 +353,7 @@ class Trainer:
         c, t = self.counters, self.cfg.trainer
         if c.step % t.eval_every_n_steps and c.step != t.max_steps:
             return None, False
-        val_loss = self.evaluate()
+        val_loss = self.group.broadcast(self.evaluate() if self.group.is_main else None)  # rank 0 evaluates
         improved = val_loss < c.best_val_loss
         if improved:
             c.best_val_loss, c.best_step = val_loss, c.step
@@ -278,6 +363,8 @@ class Trainer:
 
     def save_checkpoint(self, *, val_loss: float | None, is_best: bool) -> None:
         step = self.counters.step
+        state = self.state_dict()
+        own = state.pop("ranks")[str(self.group.rank)]
         metadata = {
             **self._metadata,
             "epoch": self.position.epoch,
@@ -291,7 +378,7 @@ class Trainer:
             if is_best:
                 self.ckpt.set_best(step, float(val_loss))
 
-        self.ckpt.save(step, self.state_dict(), tensor_groups=TENSOR_GROUPS, metadata=metadata, on_commit=on_commit)
+        self.ckpt.save(step, state, tensor_groups=TENSOR_GROUPS, metadata=metadata, on_commit=on_commit, rank_state=own)
 
     # -- signals ----------------------------------------------------------------------------
 
@@ -313,19 +400,20 @@ class Trainer:
 
     def fit(self) -> int:
         """Train to ``trainer.max_steps`` or until a signal: exit code 0 (finished) or 75 (stopped, saved)."""
-        c, t = self.counters, self.cfg.trainer
-        observers = [*default_observers(t), *self.observers]
+        c, t, g = self.counters, self.cfg.trainer, self.group
+        observers = [*default_observers(t, g), *self.observers]
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-        status, last = "failed", {}
+        status, last, stopping = "failed", {}, False
+        self.wrap_ddp()
         try:
             for obs in observers:
                 obs.on_start(self)
-            while c.step < t.max_steps and self.stop_signal is None:
+            while c.step < t.max_steps and not stopping:
                 last = {**self.train_step(), "step": c.step, "epoch": self.position.epoch, "time": time.time()}
                 last["val_loss"], improved = self.maybe_evaluate()
                 for obs in observers:
                     obs.on_step(self, last)
-                stopping = self.stop_signal is not None
+                stopping = g.any(self.stop_signal is not None)  # a signal to any rank stops them all here
                 if self.ckpt.should_save(c.step, last=c.step == t.max_steps, improved=improved, stopping=stopping):
                     self.save_checkpoint(val_loss=last["val_loss"], is_best=improved and self.ckpt.save_on_best)
                 for obs in observers:
@@ -340,6 +428,9 @@ class Trainer:
         if status == "stopped":
             log.warning("train.stopped step=%d signal=%s exit=%d", c.step, self.stop_signal, EXIT_PREEMPTED)
             return EXIT_PREEMPTED
+        if not g.is_main:
+            log.info("train.done step=%d rank=%d", c.step, g.rank)
+            return EXIT_FINISHED
         try:
             plot_loss(self.run_dir)
         except ValueError as exc:
