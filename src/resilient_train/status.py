@@ -120,6 +120,7 @@ def run_status(run_dir: str | os.PathLike, stale_after: float = 120.0) -> dict[s
 
     best = read_best(run / CHECKPOINTS_DIR)
     return {
+        "ranks": _ranks(run, host),
         "run_dir": str(run.resolve()),
         "state": state,
         "reason": "; ".join(reasons) or None,
@@ -141,6 +142,24 @@ def run_status(run_dir: str | os.PathLike, stale_after: float = 120.0) -> dict[s
         "heartbeat_age_secs": age,
         "stale_after_secs": stale_after,
     }
+
+
+def _ranks(run: Path, host: Any) -> list[dict[str, Any]]:
+    """Under torchrun: every rank's own heartbeat (``ranks/<r>/heartbeat.json``), with its pid checked."""
+    out = []
+    root = run / "ranks"
+    dirs = [p for p in root.iterdir() if p.name.isdigit()] if root.is_dir() else []
+    for d in sorted(dirs, key=lambda p: int(p.name)):
+        try:
+            beat = json.loads((d / "heartbeat.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if not isinstance(beat, dict):
+            continue
+        pid = beat.get("pid")
+        alive = pid_alive(pid) if isinstance(pid, int) and host in (None, socket.gethostname()) else None
+        out.append({k: beat.get(k) for k in ("rank", "pid", "step", "restart", "status")} | {"pid_alive": alive})
+    return out
 
 
 def _fmt_loss(value: float | None, step: Any) -> str:
@@ -174,6 +193,11 @@ def format_status(s: dict[str, Any]) -> str:
         ("best ckpt", best_txt),
         ("heartbeat", age),
     ]
+    for r in s.get("ranks", []):
+        alive = {True: "alive", False: "gone", None: "not checked"}[r["pid_alive"]]
+        rows.append(
+            (f"rank {r['rank']}", f"{r['status']} step {r['step']}, pid {r['pid']} ({alive}), restart {r['restart']}")
+        )
     return "\n".join(f"{k + ':':<13}{v}" for k, v in rows)
 
 

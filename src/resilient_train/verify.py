@@ -83,8 +83,18 @@ def verify_checkpoint(ckpt: Path, *, check_model: bool = True) -> dict[str, Any]
             errors.append(f"{ckpt}: state lacks {key!r}")
     if cfg and cfg.get("trainer", {}).get("ema", {}).get("enabled") and "ema" not in state:
         errors.append(f"{ckpt}: EMA is enabled in the config but ema.safetensors is absent")
+    ranks = state.get("ranks")
+    world = manifest.get("world_size", 1)
+    if isinstance(ranks, dict):
+        if set(ranks) != {str(r) for r in range(world)}:
+            errors.append(f"{ckpt}: per-rank state of ranks {sorted(ranks, key=str)}, but world_size {world}")
+        positions = {json.dumps(r.get("data"), sort_keys=True) for r in ranks.values() if isinstance(r, dict)}
+        if len(positions) > 1:
+            errors.append(f"{ckpt / 'ranks'}: the ranks disagree on the data position: {sorted(positions)}")
     if not errors:
         result["checks"].append("counters: manifest = trainer = optimizer = scheduler step")
+        if world > 1:
+            result["checks"].append(f"ranks: {world} ranks' files, one data position")
     if check_model and not errors and cfg:
         try:
             result["codes"] = _encode_fixed_input(cfg, state)
