@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup train test test-slow test-all chaos-test bench lint clean
+.PHONY: setup train test test-slow test-all chaos-test chaos-test-ranks bench lint clean
 
 setup: $(STAMP)
 
@@ -30,6 +30,10 @@ test-all: $(STAMP)
 
 chaos-test: $(STAMP)
 	$(PY) scripts/chaos_test.py
+
+# The same proof with 2 ranks under torchrun (one thread per rank).
+chaos-test-ranks: $(STAMP)
+	$(PY) scripts/chaos_test.py --nproc 2
 
 bench: $(STAMP)
 	$(PY) scripts/bench.py

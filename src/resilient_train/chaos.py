@@ -6,6 +6,13 @@ failure can be replayed. Each event is appended to ``<run_dir>/chaos_events.json
 *before* it is carried out, and fires at most once per run directory: a resumed run that replays
 a step does not die there again.
 
+With ranks, the schedule also picks the victim rank of each event (a pure function of the seed,
+the kind and the step): only the victim kills itself, sends itself SIGTERM, or damages a file (its
+own files of the newest checkpoint). A kill before the rename may strike any rank; a kill at
+``before_rename`` or ``after_rename`` strikes rank 0, the committer. Each rank appends to its own
+``chaos_events.rank<r>.jsonl``; every rank reads all of them, so nothing fires twice after torchrun
+restarts the group.
+
 Chaos never draws from the process-global RNGs, so it cannot change the bits of training.
 ``ChaosSchedule`` and ``read_events`` are torch-free (the orchestrator uses them).
 """
@@ -31,6 +38,8 @@ log = logging.getLogger(__name__)
 
 EVENTS_FILE = "chaos_events.jsonl"
 EVENT_KINDS = ("step_kill", "save_kill", "sigterm", "corrupt")
+#: Save phases only rank 0 (the committer) reaches.
+COMMITTER_PHASES = ("before_rename", "after_rename")
 
 
 def _rng(seed: int, kind: str, step: int) -> random.Random:
@@ -56,6 +65,12 @@ class ChaosSchedule:
     def corruption(self, step: int) -> str:
         return _rng(self.seed, "corruption", step).choice(("flip_byte", "truncate"))
 
+    def victim(self, kind: str, step: int, world_size: int) -> int:
+        """The rank an event strikes (always 0 with one rank; the committer for the late save phases)."""
+        if world_size <= 1 or (kind == "save_kill" and self.save_phase(step) in COMMITTER_PHASES):
+            return 0
+        return _rng(self.seed, f"victim:{kind}", step).randrange(world_size)
+
     def events(self, max_step: int) -> list[dict[str, Any]]:
         """The whole schedule up to ``max_step`` (for reports and reproducibility tests)."""
         out = []
@@ -69,22 +84,27 @@ class ChaosSchedule:
         return out
 
 
+def events_file(rank: int, world_size: int) -> str:
+    return EVENTS_FILE if world_size <= 1 else f"chaos_events.rank{rank}.jsonl"
+
+
 def read_events(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    path = Path(run_dir) / EVENTS_FILE
-    if not path.exists():
-        return []
+    """Every event recorded in the run (``chaos_events.jsonl`` and every rank's file), in time order."""
     out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line cut short by the kill it announced
-    return out
+    for path in sorted(Path(run_dir).glob("chaos_events*.jsonl")):
+        for line in path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line cut short by the kill it announced
+    return sorted(out, key=lambda e: e.get("time", 0)) if len(out) > 1 else out
 
 
-def corrupt_checkpoint(ckpt: Path, how: str, seed: int = 0) -> str:
-    """Damage one data file of ``ckpt`` as a failing disk would: flip a byte or truncate it."""
-    files = sorted(p for p in ckpt.iterdir() if p.name.endswith(".safetensors"))
+def corrupt_checkpoint(ckpt: Path, how: str, seed: int = 0, rank: int | None = None) -> str:
+    """Damage one data file of ``ckpt`` (with ``rank``: of that rank's own files) as a failing disk would:
+    flip a byte or truncate it."""
+    where = ckpt if rank is None else ckpt / "ranks" / str(rank)
+    files = sorted(p for p in where.iterdir() if p.name.endswith(".safetensors"))
     rng = random.Random(seed)
     target = files[rng.randrange(len(files))]
     data = bytearray(target.read_bytes())
@@ -97,7 +117,7 @@ def corrupt_checkpoint(ckpt: Path, how: str, seed: int = 0) -> str:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-    return target.name
+    return str(target.relative_to(ckpt))
 
 
 class Chaos(Observer):
@@ -109,9 +129,11 @@ class Chaos(Observer):
     before the trainer sees it, so the proof can be shown to fail.
     """
 
-    def __init__(self, cfg: Any, run_dir: Path) -> None:
+    def __init__(self, cfg: Any, run_dir: Path, group: Any = None) -> None:
         self.schedule = ChaosSchedule(cfg)
         self.run_dir = Path(run_dir)
+        self.rank = group.rank if group is not None else 0
+        self.world_size = group.world_size if group is not None else 1
         self.skip_restore = str(cfg.skip_restore)
         phase, _, step = str(cfg.hold_phase).partition("@")
         self.hold = (phase, int(step) if step else None) if phase else None
@@ -121,17 +143,25 @@ class Chaos(Observer):
         )
 
     def _due(self, kind: str, step: int) -> bool:
-        return (kind, step) not in self.fired and self.schedule.fires(kind, step)
+        """The event is scheduled, has not fired yet in this run, and strikes this rank."""
+        return (
+            (kind, step) not in self.fired
+            and self.schedule.fires(kind, step)
+            and self.schedule.victim(kind, step, self.world_size) == self.rank
+        )
 
     def _record(self, kind: str, step: int, **extra: Any) -> None:
         event = {"kind": kind, "step": step, "time": time.time(), "pid": os.getpid(), **extra}
+        if self.world_size > 1:
+            event["rank"] = self.rank
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.run_dir / EVENTS_FILE, "a") as f:
+        with open(self.run_dir / events_file(self.rank, self.world_size), "a") as f:
             f.write(json.dumps(event) + "\n")
             f.flush()
             os.fsync(f.fileno())
         self.fired.add((kind, step))
-        log.warning("chaos.%s step=%d %s", kind, step, " ".join(f"{k}={v}" for k, v in extra.items()))
+        detail = " ".join(f"{k}={v}" for k, v in extra.items())
+        log.warning("chaos.%s step=%d rank=%d %s", kind, step, self.rank, detail)
 
     @staticmethod
     def _die() -> None:
@@ -139,10 +169,22 @@ class Chaos(Observer):
         time.sleep(60)  # not reached
 
     def on_resume(self, trainer: Any, state: dict[str, Any]) -> None:
-        """Negative control: drop one restored part from the loaded state, so the proof must fail."""
+        """Negative control: drop one restored part from the loaded state, so the proof must fail.
+
+        With ranks it strikes the last rank alone: ``rng`` keeps its generators as they are, ``data``
+        shifts the clips it reads by one (its position stays right, so the ranks still agree on it).
+        """
+        if not self.skip_restore or self.rank != self.world_size - 1:
+            return
         rank = state.get("ranks", {}).get(str(trainer.rank.rank))
         if not isinstance(rank, dict):
             return  # nothing to drop; the restore reports what is missing
+        if self.skip_restore == "data" and self.world_size > 1:
+            log.warning(
+                "chaos.skip_restore=data: rank %d reads its data slice shifted by one (negative control)", self.rank
+            )
+            trainer.train_ds = _Shifted(trainer.train_ds)
+            return
         if self.skip_restore == "rng":
             log.warning("chaos.skip_restore=rng: NOT restoring RNG state (negative control)")
             rank["rng"] = trainer.rank.rng.state_dict()  # the generators as they are now: nothing restored
@@ -184,6 +226,20 @@ class Chaos(Observer):
         how = self.schedule.corruption(step)
         target = found[-1]
         self._record("corrupt", step, how=how, path=str(target))
-        name = corrupt_checkpoint(target, how, seed=self.schedule.seed + step)
+        mine = self.rank if self.world_size > 1 else None  # with ranks: one of the victim's own files
+        name = corrupt_checkpoint(target, how, seed=self.schedule.seed + step, rank=mine)
         log.warning("chaos.corrupted path=%s file=%s how=%s", target, name, how)
         self._die()
+
+
+class _Shifted:
+    """A dataset whose clip ``i`` is the original's ``i + 1`` (the data negative control with ranks)."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.dataset[(index + 1) % len(self.dataset)]

@@ -9,6 +9,14 @@
 4. compares the final checkpoints (every tensor and counter) and the per-step losses of both arms;
 5. writes ``report.json``, ``report.md`` and ``loss.png`` and prints the report's path last.
 
+With ``--nproc N`` both arms run under PyTorch's own launcher, ``torchrun --standalone
+--nproc-per-node N`` (one thread per rank unless ``--set trainer.num_threads=...``): the chaos arm
+is restarted by torchrun (``--max-restarts``) after every death, and relaunched by the
+orchestrator (``resume_from=auto``) if torchrun gives up; each event strikes the rank the seeded
+schedule picks (an external kill SIGKILLs one worker's pid, read from ``ranks/<r>/heartbeat.json``,
+never torchrun). The comparison then covers every rank's files in the final checkpoints and every
+rank's per-step losses.
+
 The trainer is the installed package's (``python -m resilient_train.cli``), run in the caller's
 working directory; everything is written under ``--out``, by default
 ``./outputs/chaos/<timestamp>`` relative to that working directory. Importing this module does
@@ -21,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import shutil
 import signal
@@ -67,12 +76,41 @@ def default_schedule(seed: int, steps: int, every: int) -> dict[str, list[int]]:
     }
 
 
+def torchrun_command(nproc: int, max_restarts: int) -> list[str]:
+    """PyTorch's launcher running our trainer module on ``nproc`` local ranks."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        f"--max-restarts={max_restarts}",
+        "-m",
+        "resilient_train.cli",
+    ]
+
+
+def _worker_pid(run_dir: Path, rank: int) -> int | None:
+    try:
+        beat = json.loads((run_dir / "ranks" / str(rank) / "heartbeat.json").read_text())
+        return int(beat["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _run(
-    cmd: list[str], log_path: Path, *, kill_after: float | None = None, run_dir: Path | None = None
+    cmd: list[str],
+    log_path: Path,
+    *,
+    kill_after: float | None = None,
+    run_dir: Path | None = None,
+    victim: int | None = None,
 ) -> tuple[int, bool]:
     """Run ``cmd``; with ``kill_after``, SIGKILL it from outside that many seconds after it trains a step.
 
-    Waiting for progress first means a slow start (a loaded machine) cannot starve the run.
+    Waiting for progress first means a slow start (a loaded machine) cannot starve the run. With
+    ``victim`` (a rank under torchrun) the kill strikes that rank's worker, not ``cmd`` itself, and
+    the launcher goes on (it restarts the group).
     """
     with open(log_path, "ab") as log:
         log.write(f"\n$ {' '.join(cmd)}\n".encode())
@@ -85,9 +123,22 @@ def _run(
             if deadline is None and _last_step(run_dir) != start_step:
                 deadline = time.monotonic() + kill_after
             if deadline is not None and time.monotonic() >= deadline:
-                proc.send_signal(signal.SIGKILL)
-                proc.wait()
-                return proc.returncode, True
+                if victim is None:
+                    proc.send_signal(signal.SIGKILL)
+                    proc.wait()
+                    return proc.returncode, True
+                pid = _worker_pid(run_dir, victim)
+                if pid is not None:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pid = None
+                if pid is not None:
+                    log.write(f"\n# orchestrator: SIGKILL rank {victim} worker pid {pid}\n".encode())
+                    log.flush()
+                    return proc.wait(), True
+                deadline = None  # that rank is between attempts: try again after the next step
+                start_step = _last_step(run_dir)
             time.sleep(0.05)
         return proc.returncode, False
 
@@ -132,9 +183,14 @@ def run_trial(args: argparse.Namespace, trial: int, out: Path) -> dict[str, Any]
         "trainer.progress_bar=false",
         *args.set,
     ]
+    ranked = args.nproc > 1
+    if ranked and not any(s.startswith("trainer.num_threads=") for s in args.set):
+        common.append("trainer.num_threads=1")  # ranks sharing a few cores: one thread each
+    ref_cmd = torchrun_command(args.nproc, 0) if ranked else list(TRAIN_CMD)
+    chaos_cmd = torchrun_command(args.nproc, args.torchrun_restarts) if ranked else list(TRAIN_CMD)
     ref_dir, chaos_dir = tdir / "reference", tdir / "chaos"
     t0 = time.time()
-    rc, _ = _run([*TRAIN_CMD, *common, f"hydra.run.dir={ref_dir}"], tdir / "reference.log")
+    rc, _ = _run([*ref_cmd, *common, f"hydra.run.dir={ref_dir}"], tdir / "reference.log")
     ref_secs = time.time() - t0
     if rc != 0:
         return _failed(trial, args.steps, 0, f"reference run failed with exit {rc}; see {tdir / 'reference.log'}")
@@ -148,7 +204,7 @@ def run_trial(args: argparse.Namespace, trial: int, out: Path) -> dict[str, Any]
             chaos_args.append(f"chaos.{key}=[{','.join(map(str, steps))}]")
     if args.skip_restore:
         chaos_args.append(f"chaos.skip_restore={args.skip_restore}")
-    cmd = [*TRAIN_CMD, *common, f"hydra.run.dir={chaos_dir}", "resume_from=auto", *chaos_args]
+    cmd = [*chaos_cmd, *common, f"hydra.run.dir={chaos_dir}", "resume_from=auto", *chaos_args]
     ext_rng = random.Random(seed * 7919 + 1)
     restarts, external, exits = 0, [], []
     t0 = time.time()
@@ -156,14 +212,17 @@ def run_trial(args: argparse.Namespace, trial: int, out: Path) -> dict[str, Any]
         kill_after = None
         if args.external_kill and len(external) < args.external_kills:
             kill_after = ext_rng.uniform(0.0, args.external_max)
-        rc, killed = _run(cmd, tdir / "chaos.log", kill_after=kill_after, run_dir=chaos_dir)
+        victim = ext_rng.randrange(args.nproc) if ranked else None
+        rc, killed = _run(cmd, tdir / "chaos.log", kill_after=kill_after, run_dir=chaos_dir, victim=victim)
         exits.append(rc)
         if killed:
             step = _last_step(chaos_dir)
-            external.append({"kind": "external_kill", "step": step, "time": time.time()})
+            external.append({"kind": "external_kill", "step": step, "time": time.time(), "rank": victim})
         if rc == 0:
             break
-        if rc not in (75, -signal.SIGKILL, 128 + signal.SIGKILL, 130):
+        # torchrun exits 1 once its restarts are spent, whatever its workers' codes were.
+        allowed = (1,) if ranked else (75, -signal.SIGKILL, 128 + signal.SIGKILL, 130)
+        if rc not in allowed:
             return _failed(
                 trial,
                 args.steps,
@@ -177,13 +236,20 @@ def run_trial(args: argparse.Namespace, trial: int, out: Path) -> dict[str, Any]
             )
     chaos_secs = time.time() - t0
 
-    events = [{k: v for k, v in e.items() if k in ("kind", "step", "phase", "how")} for e in read_events(chaos_dir)] + [
-        {"kind": e["kind"], "step": e["step"]} for e in external
+    keys = ("kind", "step", "phase", "how", "rank")
+    events = [{k: v for k, v in e.items() if k in keys} for e in read_events(chaos_dir)] + [
+        {k: v for k, v in e.items() if k in keys and v is not None} for e in external
     ]
     ref_ckpt = committed(ref_dir / CHECKPOINTS_DIR)[-1]
     chaos_ckpt = committed(chaos_dir / CHECKPOINTS_DIR)[-1]
     ckpt_diff = compare_checkpoints(ref_ckpt, chaos_ckpt)
-    hist_diff = compare_histories(read_history(ref_dir), read_history(chaos_dir), args.steps)
+    hist_diff = None
+    for rank in range(args.nproc):  # rank 0's history.jsonl, then every other rank's own losses
+        where = (lambda d: d) if rank == 0 else (lambda d, r=rank: d / "ranks" / str(r))
+        diff = compare_histories(read_history(where(ref_dir)), read_history(where(chaos_dir)), args.steps)
+        if diff is not None:
+            hist_diff = diff if rank == 0 else f"rank {rank}: {diff}"
+            break
     best = [_best(d) for d in (ref_dir, chaos_dir)]
     best_diff = None if best[0] == best[1] else f"best pointer {best[0]} (reference) vs {best[1]} (chaos)"
     result = {
@@ -191,7 +257,8 @@ def run_trial(args: argparse.Namespace, trial: int, out: Path) -> dict[str, Any]
         "seed": seed,
         "identical": ckpt_diff is None and hist_diff is None and best_diff is None,
         "steps": args.steps,
-        "restarts": restarts,
+        "restarts": restarts + (_group_restarts(tdir / "chaos.log") if ranked else 0),
+        "nproc": args.nproc,
         "exit_codes": exits,
         "events": sorted(events, key=lambda e: e["step"] if e["step"] is not None else -1),
         "checkpoint_difference": ckpt_diff,
@@ -208,6 +275,12 @@ def run_trial(args: argparse.Namespace, trial: int, out: Path) -> dict[str, Any]
 def _failed(trial: int, steps: int, restarts: int, error: str) -> dict[str, Any]:
     """A trial that could not reach the comparison."""
     return {"trial": trial, "identical": False, "restarts": restarts, "steps": steps, "events": [], "error": error}
+
+
+def _group_restarts(log_path: Path) -> int:
+    """Times torchrun restarted the group within its launches (rank 0 joined a group with restart > 0)."""
+    text = log_path.read_text(errors="replace") if log_path.exists() else ""
+    return sum(1 for line in text.splitlines() if "dist.init rank=0 " in line and " restart=0 " not in line)
 
 
 def _checkpoint_every(run_dir: Path) -> int:
@@ -274,7 +347,8 @@ def _markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# Chaos test: {'IDENTICAL' if report['identical'] else 'DIFFERENT'}",
         "",
-        f"- experiment: `{report['experiment']}`, steps: {report['steps']}, trials: {len(report['trials'])}",
+        f"- experiment: `{report['experiment']}`, steps: {report['steps']}, trials: {len(report['trials'])}, "
+        f"ranks: {report.get('nproc', 1)}",
         f"- restarts: {report['restarts']}, events: {len(report['events'])}",
         "",
     ]
@@ -283,10 +357,10 @@ def _markdown(report: dict[str, Any]) -> str:
         if t.get("error"):
             lines += [f"error: {t['error']}", ""]
             continue
-        lines += ["| step | event | detail |", "| ---: | --- | --- |"]
+        lines += ["| step | event | rank | detail |", "| ---: | --- | ---: | --- |"]
         for e in t["events"]:
             detail = e.get("phase") or e.get("how") or ""
-            lines.append(f"| {e['step']} | {e['kind']} | {detail} |")
+            lines.append(f"| {e['step']} | {e['kind']} | {e.get('rank', 0)} | {detail} |")
         lines += [
             "",
             f"- restarts: {t['restarts']}, exit codes: {t['exit_codes']}",
@@ -328,7 +402,13 @@ def main(argv: list[str] | None = None) -> int:
         help="negative control: do not restore this state on resume; the proof must then fail",
     )
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra override for both arms")
+    p.add_argument("--nproc", type=int, default=1, help="ranks per arm, under torchrun when > 1 (default 1)")
+    p.add_argument(
+        "--torchrun-restarts", type=int, default=10, help="torchrun --max-restarts for the chaos arm (default 10)"
+    )
     args = p.parse_args(argv)
+    if args.nproc < 1:
+        p.error("--nproc must be >= 1")
     out = args.out or Path.cwd() / "outputs" / "chaos" / time.strftime("%Y-%m-%d_%H-%M-%S")
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -347,6 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "identical": all(t["identical"] for t in trials),
         "experiment": args.experiment,
+        "nproc": args.nproc,
         "steps": args.steps,
         "restarts": sum(t["restarts"] for t in trials),
         "events": events,
