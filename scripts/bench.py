@@ -20,6 +20,14 @@ job's (``Trainer.state_dict()`` after one optimizer step, so AdamW moments exist
                            via `python -m resilient_train.cli`, resuming / starting fresh
   save_every_step_vs_never_tiny, save_every_step_vs_never_magvit64
                            wall time of Trainer.fit checkpointing every step (async) / never
+  ranks2_vs_1_steps_per_s  tiny, the same global batch (4 clips a step): steps/s of 2 ranks under
+                           torchrun (1 thread each, DDP over gloo) / steps/s of 1 process (2 threads);
+                           on one machine both use the same 2 cores for the same arithmetic: 1.0 is
+                           parity, below it is the cost of the gradient exchange and the per-step
+                           stop-flag all-reduce, above it the 2-thread process scaling worse than 2
+                           single-thread ranks (more cores would let the ranks run truly in parallel)
+  ranks2_vs_1_save_s       seconds of a checkpoint save (rank 0's ckpt.save line) at 2 ranks / at 1:
+                           the commit round trip (broadcast, gather of the votes, verdict)
 
 Writes a JSON report (``--out``, default ``outputs/bench/bench.json`` under the working directory)
 with the ratios, the absolute seconds and bytes behind each, every sample, and the machine.
@@ -77,6 +85,8 @@ TARGETS = {
     "resume_vs_fresh_start": ("<=", 1.05),
     "save_every_step_vs_never_tiny": ("<=", 1.5),
     "save_every_step_vs_never_magvit64": ("<=", 1.05),
+    "ranks2_vs_1_steps_per_s": (">=", None),  # reported, not targeted: 2 cores (see the docstring)
+    "ranks2_vs_1_save_s": ("<=", None),
 }
 
 # Runs inside the window only: fit's final eval + checkpoint at max_steps happen after the last step.
@@ -767,6 +777,69 @@ def bench_resume(work: Path, reps: int, budget_s: float, base_steps: int = 1) ->
     }
 
 
+def _ranked_run(work: Path, name: str, nproc: int, steps: int) -> tuple[float, list[float]]:
+    """tiny for ``steps`` steps, global batch 4: (steps/s after the first 3 steps, ckpt.save seconds)."""
+    run_dir, log = work / name, work / f"{name}.log"
+    per_rank = 2 // nproc
+    args = [
+        "+experiment=tiny",
+        f"hydra.run.dir={run_dir}",
+        "trainer.progress_bar=false",
+        f"trainer.max_steps={steps}",
+        f"data.batch_size={per_rank}",
+        f"trainer.num_threads={2 // nproc}",
+        "checkpoint.every_n_steps=5",
+        "checkpoint.save_on_best=false",
+        f"trainer.eval_every_n_steps={BIG}",
+    ]
+    if nproc == 1:
+        cmd = [*TRAIN_CMD, *args]
+    else:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+        cmd = [*launcher, "-m", "resilient_train.cli", *args]
+    with open(log, "wb") as out:
+        rc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=_env(), timeout=900).returncode
+    if rc != 0:
+        raise RuntimeError(f"{name} exited {rc}:\n{log.read_text()[-3000:]}")
+    times = [r["time"] for r in read_history(run_dir) if r.get("kind") == "train"][3:]
+    saves = [
+        float(line.rsplit("secs=", 1)[1].split()[0]) for line in log.read_text().splitlines() if "ckpt.save " in line
+    ]
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return (len(times) - 1) / (times[-1] - times[0]), saves
+
+
+def bench_ranks(work: Path, pairs: int, steps: int) -> dict[str, Any]:
+    work.mkdir(parents=True, exist_ok=True)
+    one, two, save1, save2 = [], [], [], []
+    for p in range(pairs):
+        for nproc in (1, 2) if p % 2 == 0 else (2, 1):
+            sps, saves = _ranked_run(work, f"n{nproc}-{p}", nproc, steps)
+            (one if nproc == 1 else two).append(sps)
+            (save1 if nproc == 1 else save2).extend(saves)
+    say(f"  ranks done: 2 ranks {median(two):.2f} st/s, 1 process {median(one):.2f} st/s")
+    return {
+        "ranks2_vs_1_steps_per_s": {
+            "ours_steps_per_s": median(two),
+            "baseline_steps_per_s": median(one),
+            "ours_samples": two,
+            "baseline_samples": one,
+            "ours": "torchrun --nproc-per-node 2: tiny, data.batch_size=1 per rank, 1 thread per rank",
+            "baseline": "one process: tiny, data.batch_size=2, 2 threads",
+            "parity": 1.0,
+            "_ratio": median([a / b for a, b in zip(two, one)]),
+        },
+        "ranks2_vs_1_save_s": {
+            "ours_s": median(save2),
+            "baseline_s": median(save1),
+            "ours_samples_s": save2,
+            "baseline_samples_s": save1,
+            "ours": "rank 0's ckpt.save seconds at 2 ranks (sync, ~0.5 MB)",
+            "baseline": "ckpt.save seconds of one process",
+        },
+    }
+
+
 # ----------------------------------------------------------------------------------------------
 
 
@@ -799,6 +872,7 @@ def print_table(report: dict[str, Any]) -> None:
             a, b = f"{e['ours_steps_per_s']:.3f}st/s", f"{e['baseline_steps_per_s']:.3f}st/s"
         mb = f"{e['ours_bytes'] / 1e6:.1f}" if "ours_bytes" in e else ""
         floor = f"  {e['floor_s']:.3f}s = {e['floor_ratio']:.3f}" if "floor_s" in e else ""
+        floor = f"  parity {e['parity']:.3f}" if "parity" in e else floor
         print(
             f"{name:34} {value:7.3f} {'' if tgt is None else f'{op}{tgt}':>8} {ok:>3}  {a:>12} {b:>12} {mb:>7}{floor}"
         )
@@ -808,7 +882,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer repetitions and steps (a smoke test)")
     ap.add_argument("--out", type=Path, default=Path.cwd() / "outputs" / "bench" / "bench.json")
-    ap.add_argument("--only", default="", help="sections: save,hash,async,loop64,often64,tiny,often,resume (dev aid)")
+    ap.add_argument(
+        "--only", default="", help="sections: save,hash,async,loop64,often64,tiny,often,resume,ranks (dev aid)"
+    )
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     only = set(filter(None, args.only.split(",")))
@@ -869,6 +945,9 @@ def main(argv: list[str] | None = None) -> int:
         if want("resume"):
             say("resume vs fresh start (subprocesses)")
             section(bench_resume, work / "resume", 1 if q else 4, budget_s=120)
+        if want("ranks"):
+            say("2 ranks under torchrun vs 1 process, same global batch (subprocesses)")
+            section(bench_ranks, work / "ranks", pairs=1 if q else 3, steps=12 if q else 40)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
