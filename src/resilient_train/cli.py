@@ -38,7 +38,7 @@ from .checkpoint.layout import CHECKPOINTS_DIR, run_dir_of
 from .config import CONFIG_DIR, register_configs, validate_config
 from .dist import Group, from_env, rank_from_env, world_size_from_env
 from .fsio import atomic_write
-from .resume import StartupError, check_added_keys, plan_chosen, plan_resume, take_over_timeline
+from .resume import ResumePlan, StartupError, check_added_keys, plan_chosen, plan_resume, take_over_timeline
 
 if TYPE_CHECKING:
     from .trainer import Trainer
@@ -174,7 +174,8 @@ def start(cfg: DictConfig, run_dir: Path, overrides: list[str], lock: RunLock, g
     t = trainer.cfg.trainer
     resumed = plan.loaded.path if plan.loaded else None
     log.info(
-        "train.start run_dir=%s experiment=%s max_steps=%d resume=%s threads=%d rank=%d world_size=%d",
+        "train.start run_dir=%s experiment=%s max_steps=%d resume=%s threads=%d rank=%d world_size=%d "
+        "batch_per_rank=%d grad_accum=%d global_batch=%d",
         run_dir,
         trainer.cfg.experiment,
         t.max_steps,
@@ -182,11 +183,15 @@ def start(cfg: DictConfig, run_dir: Path, overrides: list[str], lock: RunLock, g
         t.num_threads,
         g.rank,
         g.world_size,
+        trainer.cfg.data.batch_size,
+        t.grad_accum_steps,
+        trainer.cfg.data.batch_size * g.world_size * t.grad_accum_steps,
     )
     return trainer
 
 
-def _build(plan, run_dir: Path, g: Group, trainer_cls):  # -> Trainer
+def _build(plan: ResumePlan, run_dir: Path, g: Group, trainer_cls: type[Trainer]) -> Trainer:
+    """This rank's trainer, restored from the plan's checkpoint (if any); every refusal is raised here."""
     validate_config(plan.cfg)
     chaos = None
     if plan.cfg.chaos.enabled:

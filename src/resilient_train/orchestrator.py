@@ -213,6 +213,7 @@ def run_trial(args: argparse.Namespace, trial: int, out: Path) -> dict[str, Any]
         if args.external_kill and len(external) < args.external_kills:
             kill_after = ext_rng.uniform(0.0, args.external_max)
         victim = ext_rng.randrange(args.nproc) if ranked else None
+        log_at = (tdir / "chaos.log").stat().st_size if (tdir / "chaos.log").exists() else 0
         rc, killed = _run(cmd, tdir / "chaos.log", kill_after=kill_after, run_dir=chaos_dir, victim=victim)
         exits.append(rc)
         if killed:
@@ -228,6 +229,13 @@ def run_trial(args: argparse.Namespace, trial: int, out: Path) -> dict[str, Any]
                 args.steps,
                 restarts,
                 f"chaos arm exited with {rc} (not a kill or preemption); see {tdir / 'chaos.log'}",
+            )
+        with open(tdir / "chaos.log", "rb") as f:
+            f.seek(log_at)
+            started = b"train.start " in f.read()
+        if ranked and not started:  # every attempt of that launch was refused before training: stop here
+            return _failed(
+                trial, args.steps, restarts, f"torchrun gave up, no attempt started training; see {tdir / 'chaos.log'}"
             )
         restarts += 1
         if restarts > args.max_restarts:
