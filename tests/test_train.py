@@ -76,20 +76,21 @@ def _write_gif(path, seed, frames=6, size=20):
 
 def test_trains_on_a_folder_of_real_videos(tmp_path):
     data = tmp_path / "videos"
-    data.mkdir()
     for i in range(4):
-        _write_gif(data / f"clip{i}.gif", i)
+        (data / ("val" if i == 3 else "train")).mkdir(parents=True, exist_ok=True)
+        _write_gif(data / ("val" if i == 3 else "train") / f"clip{i}.gif", i, frames=11)
     run = tmp_path / "run"
-    run_train(
+    proc = run_train(
         run,
         "data=folder",
         f"data.path={data}",
-        "data.val_fraction=0.25",
         "trainer.max_steps=4",
         "trainer.eval_every_n_steps=2",
         "checkpoint.every_n_steps=2",
     )
     assert [r["step"] for r in read_history(run) if r["kind"] == "eval"] == [2, 4]
+    # Clips from the whole of each 11-frame video: two of 5 frames each.
+    assert "split=train 3 files, 6 clips (0 skipped: 0 too short / 0 unreadable)" in proc.stdout + proc.stderr
 
 
 def test_folder_errors_name_the_folder(tmp_path):

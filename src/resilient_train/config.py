@@ -80,7 +80,15 @@ class DataConfig:
     val_size: int = 8
     num_shapes: int = 3
     val_fraction: float = 0.1
-    extensions: list[str] = field(default_factory=lambda: [".mp4", ".webm", ".gif"])
+    extensions: list[str] = field(default_factory=lambda: [".mp4", ".webm", ".gif", ".mkv", ".mov", ".avi"])
+    # data=folder: clips of num_frames frames, every frame_step-th frame, one clip starting every
+    # clip_stride frames (0: right after the previous clip ends) over each whole video.
+    frame_step: int = 1
+    clip_stride: int = 0
+    val_path: str | None = None  # a separate validation folder (else train/ + val/ subfolders, else a hash split)
+    cache: str = "none"  # none | memory | disk: finished clips, bit-identical to decoding again
+    cache_dir: str | None = None  # data.cache=disk: where (default ~/.cache/resilient_train/clips)
+    skip_bad_files: bool = False  # skip unreadable files with a warning (recorded in the data fingerprint)
 
 
 @dataclass
@@ -187,6 +195,13 @@ RESUME_SAFE_KEYS: tuple[str, ...] = (
     "checkpoint.",
     "chaos.",
     "data.num_workers",
+    # Where the data lives and how it is cached do not change the result: the data fingerprint in every
+    # checkpoint compares the files themselves on resume.
+    "data.path",
+    "data.val_path",
+    "data.cache",
+    "data.cache_dir",
+    "data.skip_bad_files",
 )
 
 
@@ -296,6 +311,10 @@ def validate_config(cfg: Any) -> None:
     need(d.name != "folder" or bool(d.path), "data.path", d.path, "data=folder needs data.path=DIR")
     need(d.batch_size >= 1, "data.batch_size", d.batch_size, "must be >= 1")
     need(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0")
+    need(d.frame_step >= 1, "data.frame_step", d.frame_step, "must be >= 1")
+    need(d.clip_stride >= 0, "data.clip_stride", d.clip_stride, "must be >= 0 (0: clips end to end)")
+    need(d.cache in ("none", "memory", "disk"), "data.cache", d.cache, "must be none, memory or disk")
+    need(d.name != "folder" or d.channels in (1, 3), "data.channels", d.channels, "real videos give 1 or 3 channels")
     need(d.train_size >= d.batch_size, "data.train_size", d.train_size, "must be >= data.batch_size")
     need(d.val_size >= 1, "data.val_size", d.val_size, "must be >= 1")
     need(o.lr > 0, "optimizer.lr", o.lr, "must be > 0")

@@ -3,7 +3,7 @@
 Bit-exact resume needs three things from the data pipeline, and this module provides all of them:
 
 * every clip is a pure function of where it comes from (``(seed, split, index)`` for the synthetic
-  set, the file's bytes for a folder of videos), never of how many clips were read before;
+  set, the file's bytes for a folder of videos: :mod:`.video`), never of how many clips were read before;
 * the order of an epoch is a pure function of ``(seed, epoch)``, and a run resumed at batch ``b``
   sees exactly the remaining batches of that same order (:class:`ResumableSampler`);
 * nothing here draws from the process-global generators (Python ``random``, NumPy, torch). In
@@ -18,22 +18,22 @@ import logging
 import math
 import multiprocessing
 import operator
-import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .video import VideoReadError
 
 __all__ = [
     "SyntheticVideoDataset",
-    "VideoFolderDataset",
     "VideoReadError",
     "ResumableSampler",
     "SequentialResumableSampler",
     "build_datasets",
+    "build_data",
     "build_loader",
     "batches_per_epoch",
 ]
@@ -41,8 +41,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _SPLIT_IDS = {"train": 0, "val": 1}
-_PILLOW_EXTENSIONS = frozenset({".gif", ".png", ".apng", ".webp", ".tif", ".tiff"})
-_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 
 def _split_id(split: str) -> int:
@@ -193,204 +191,6 @@ class SyntheticVideoDataset(Dataset):
 
 
 # --------------------------------------------------------------------------------------------------
-# Folder of real videos
-# --------------------------------------------------------------------------------------------------
-
-
-class VideoReadError(ValueError):
-    """A video file could not be decoded."""
-
-
-def _normalise_extensions(extensions: Sequence[str]) -> tuple[str, ...]:
-    if isinstance(extensions, str):
-        extensions = [extensions]
-    out = []
-    for ext in extensions:
-        ext = str(ext).strip().lower()
-        if not ext:
-            continue
-        out.append(ext if ext.startswith(".") else "." + ext)
-    if not out:
-        raise ValueError("extensions must name at least one file extension")
-    return tuple(dict.fromkeys(out))
-
-
-def _list_videos(folder: str, extensions: tuple[str, ...]) -> list[str]:
-    found = []
-    for root, dirs, files in os.walk(folder):
-        dirs.sort()
-        for name in files:
-            if name.lower().endswith(extensions):
-                found.append(os.path.join(root, name))
-    # Sort on the path relative to the folder, with "/" separators, so the order is the same everywhere.
-    return sorted(found, key=lambda p: os.path.relpath(p, folder).replace(os.sep, "/"))
-
-
-def _short_error(exc: BaseException) -> str:
-    """Type and message of an exception; long multi-line messages (ffmpeg's stderr) keep first and last line."""
-    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-    if len(lines) > 2:
-        text = f"{lines[0]} ... {lines[-1]}"
-    else:
-        text = " ".join(lines)
-    if len(text) > 500:
-        text = text[:497] + "..."
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-def _frame_to_float(frame: np.ndarray) -> np.ndarray:
-    """One decoded frame -> float32 (H, W, C) in [0, 1] with C in {1, 3}."""
-    if frame.ndim == 2:
-        frame = frame[:, :, None]
-    if frame.ndim != 3:
-        raise ValueError(f"unexpected frame shape {frame.shape}")
-    if frame.shape[2] == 2:  # grey + alpha
-        frame = frame[:, :, :1]
-    elif frame.shape[2] == 4:  # RGBA: drop alpha
-        frame = frame[:, :, :3]
-    elif frame.shape[2] not in (1, 3):
-        raise ValueError(f"unexpected number of colour channels {frame.shape[2]}")
-    if np.issubdtype(frame.dtype, np.integer):
-        return frame.astype(np.float32) / np.float32(np.iinfo(frame.dtype).max)
-    if frame.dtype == np.bool_:
-        return frame.astype(np.float32)
-    return np.clip(frame.astype(np.float32), 0.0, 1.0)
-
-
-class VideoFolderDataset(Dataset):
-    """Videos (mp4, webm, gif, ...) found recursively under a folder.
-
-    Splits: if ``path/train`` and ``path/val`` both exist they are the splits; otherwise the files
-    under ``path`` (sorted) are split so that the last ``max(1, round(n * val_fraction))`` are
-    validation and the rest training.
-
-    Each item is the first ``num_frames`` frames (the last frame repeated if the video is shorter),
-    converted to RGB (or grey when ``channels == 1``), shorter side resized to ``image_size`` and
-    centre-cropped: float32 ``(C, T, image_size, image_size)`` in [0, 1].
-    """
-
-    def __init__(
-        self,
-        *,
-        path: str,
-        split: str,
-        num_frames: int,
-        image_size: int,
-        channels: int = 3,
-        val_fraction: float = 0.1,
-        extensions: Sequence[str] = (".mp4", ".webm", ".gif"),
-    ) -> None:
-        _split_id(split)
-        _check_positive(num_frames=num_frames, image_size=image_size)
-        if int(channels) not in (1, 3):
-            raise ValueError(f"channels must be 1 or 3 for real videos, got {channels}")
-        if not 0.0 <= float(val_fraction) < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-        root = os.fspath(path)
-        if not os.path.exists(root):
-            raise FileNotFoundError(f"video folder {root!r} does not exist")
-        if not os.path.isdir(root):
-            raise NotADirectoryError(f"video folder {root!r} is not a directory")
-
-        self.root = root
-        self.split = split
-        self.num_frames = int(num_frames)
-        self.image_size = int(image_size)
-        self.channels = int(channels)
-        self.val_fraction = float(val_fraction)
-        self.extensions = _normalise_extensions(extensions)
-        self._warned_short: set[str] = set()
-
-        train_dir, val_dir = os.path.join(root, "train"), os.path.join(root, "val")
-        if os.path.isdir(train_dir) and os.path.isdir(val_dir):
-            folder = train_dir if split == "train" else val_dir
-            self.files = _list_videos(folder, self.extensions)
-            if not self.files:
-                raise ValueError(f"no video files with extensions {list(self.extensions)} found under {folder!r}")
-        else:
-            files = _list_videos(root, self.extensions)
-            n = len(files)
-            if n == 0:
-                raise ValueError(f"no video files with extensions {list(self.extensions)} found under {root!r}")
-            n_val = max(1, round(n * self.val_fraction))
-            if n - n_val < 1:
-                raise ValueError(
-                    f"video folder {root!r} has only {n} file(s); splitting off {n_val} for validation "
-                    f"(val_fraction={self.val_fraction}) leaves none for training. Add more videos or "
-                    f"create {root!r}/train and {root!r}/val subfolders."
-                )
-            self.files = files[: n - n_val] if split == "train" else files[n - n_val :]
-        log.info("VideoFolderDataset %s split=%s: %d file(s)", root, split, len(self.files))
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        file = self.files[_normalise_index(index, len(self.files))]
-        frames = self._read_frames(file)  # (t, H, W, C) float32, 1 <= t <= num_frames
-        t = frames.shape[0]
-        if t < self.num_frames:
-            if file not in self._warned_short:
-                self._warned_short.add(file)
-                log.warning(
-                    "video %s has %d frame(s), fewer than num_frames=%d; repeating its last frame",
-                    file,
-                    t,
-                    self.num_frames,
-                )
-            pad = np.repeat(frames[-1:], self.num_frames - t, axis=0)
-            frames = np.concatenate([frames, pad], axis=0)
-
-        if self.channels == 1 and frames.shape[3] == 3:
-            frames = (frames @ _LUMA)[..., None]
-        elif self.channels == 3 and frames.shape[3] == 1:
-            frames = np.repeat(frames, 3, axis=3)
-
-        video = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)  # (T, C, H, W)
-        video = self._resize_crop(video)
-        return video.permute(1, 0, 2, 3).contiguous()  # (C, T, H, W)
-
-    def _plugin(self, file: str) -> str:
-        return "pillow" if os.path.splitext(file)[1].lower() in _PILLOW_EXTENSIONS else "FFMPEG"
-
-    def _read_frames(self, file: str) -> np.ndarray:
-        import imageio.v3 as iio
-
-        frames: list[np.ndarray] = []
-        try:
-            # Iterate rather than imread(index=None): only the frames we need are decoded.
-            iterator = iio.imiter(file, plugin=self._plugin(file))
-            try:
-                for frame in iterator:
-                    frames.append(_frame_to_float(np.asarray(frame)))
-                    if len(frames) == self.num_frames:
-                        break
-            finally:
-                iterator.close()
-            if not frames:
-                raise ValueError("the file contains no frames")
-            if len({f.shape for f in frames}) > 1:
-                raise ValueError(f"frames have different shapes: {sorted({f.shape for f in frames})}")
-            return np.stack(frames)
-        except VideoReadError:
-            raise
-        except Exception as exc:  # imageio raises OSError, ValueError, RuntimeError, ... depending on the plugin
-            raise VideoReadError(f"cannot read video file {file!r}: {_short_error(exc)}") from exc
-
-    def _resize_crop(self, video: torch.Tensor) -> torch.Tensor:
-        size = self.image_size
-        h, w = video.shape[-2:]
-        if (h, w) != (size, size):
-            scale = size / min(h, w)
-            new_h, new_w = max(size, round(h * scale)), max(size, round(w * scale))
-            if (new_h, new_w) != (h, w):
-                video = F.interpolate(video, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True)
-            top, left = (new_h - size) // 2, (new_w - size) // 2
-            video = video[:, :, top : top + size, left : left + size]
-        return video.clamp(0.0, 1.0)
-
-
-# --------------------------------------------------------------------------------------------------
 # Samplers and loaders
 # --------------------------------------------------------------------------------------------------
 
@@ -490,38 +290,34 @@ def _cfg_get(cfg: Any, key: str, default: Any = _MISSING) -> Any:
     return value
 
 
-def build_datasets(data_cfg: Any, seed: int) -> tuple[Dataset, Dataset]:
-    """The (train, val) datasets described by the ``data`` config group."""
+def build_data(data_cfg: Any, seed: int) -> tuple[Dataset, Dataset, dict[str, Any] | None]:
+    """The (train, val) datasets described by the ``data`` config group, and the data's fingerprint
+    (``None`` for synthetic data: the config alone determines it)."""
     name = _cfg_get(data_cfg, "name")
-    num_frames = int(_cfg_get(data_cfg, "num_frames"))
-    image_size = int(_cfg_get(data_cfg, "image_size"))
-    channels = int(_cfg_get(data_cfg, "channels", 3))
-    if name == "synthetic":
-        common = dict(
-            seed=seed,
-            num_frames=num_frames,
-            image_size=image_size,
-            channels=channels,
-            num_shapes=int(_cfg_get(data_cfg, "num_shapes", 3)),
-        )
-        train = SyntheticVideoDataset(split="train", length=int(_cfg_get(data_cfg, "train_size")), **common)
-        val = SyntheticVideoDataset(split="val", length=int(_cfg_get(data_cfg, "val_size")), **common)
-        return train, val
     if name == "folder":
+        from .video import build_folder_datasets
+
         path = _cfg_get(data_cfg, "path", None)
         if path is None or str(path) in ("", "???"):
             raise ValueError("data.path must name a folder of videos when data.name='folder'")
-        extensions = _cfg_get(data_cfg, "extensions", None) or (".mp4", ".webm", ".gif")
-        common = dict(
-            path=str(path),
-            num_frames=num_frames,
-            image_size=image_size,
-            channels=channels,
-            val_fraction=float(_cfg_get(data_cfg, "val_fraction", 0.1)),
-            extensions=[str(e) for e in extensions],
-        )
-        return VideoFolderDataset(split="train", **common), VideoFolderDataset(split="val", **common)
-    raise ValueError(f"unknown data.name {name!r}; expected 'synthetic' or 'folder'")
+        return build_folder_datasets(data_cfg)
+    if name != "synthetic":
+        raise ValueError(f"unknown data.name {name!r}; expected 'synthetic' or 'folder'")
+    common = dict(
+        seed=seed,
+        num_frames=int(_cfg_get(data_cfg, "num_frames")),
+        image_size=int(_cfg_get(data_cfg, "image_size")),
+        channels=int(_cfg_get(data_cfg, "channels", 3)),
+        num_shapes=int(_cfg_get(data_cfg, "num_shapes", 3)),
+    )
+    train = SyntheticVideoDataset(split="train", length=int(_cfg_get(data_cfg, "train_size")), **common)
+    val = SyntheticVideoDataset(split="val", length=int(_cfg_get(data_cfg, "val_size")), **common)
+    return train, val, None
+
+
+def build_datasets(data_cfg: Any, seed: int) -> tuple[Dataset, Dataset]:
+    """The (train, val) datasets described by the ``data`` config group."""
+    return build_data(data_cfg, seed)[:2]
 
 
 def batches_per_epoch(dataset: Dataset, data_cfg: Any, world_size: int = 1) -> int:
