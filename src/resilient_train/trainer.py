@@ -30,7 +30,7 @@ from omegaconf import DictConfig
 from .checkpoint import CheckpointError, CheckpointManager, Loaded
 from .checkpoint.manager import SaveHook
 from .config import TrainConfig, TrainerConfig, config_hash, to_plain, typed
-from .data import batches_per_epoch, build_datasets, build_loader
+from .data import batches_per_epoch, build_data, build_loader
 from .dist import Group
 from .model import build_model
 from .monitor import plot_loss, save_sample_grid
@@ -105,6 +105,8 @@ class Trainer:
             self.device = torch.device("cuda", g.local_rank)  # one GPU per rank: LOCAL_RANK's
         self.accum = t.grad_accum_steps
         self.use_gan = m.use_gan
+        # The data first: a folder that cannot be used is refused before the model is built.
+        self.train_ds, self.val_ds, self.data_fingerprint = build_data(cfg.data, cfg.seed)
         seed_everything(cfg.seed)  # right before the model is built: its initial weights follow the seed
 
         self.model = build_model(m).to(self.device)
@@ -121,7 +123,6 @@ class Trainer:
         self.sched_discr = torch.optim.lr_scheduler.LambdaLR(self.opt_discr, sched)
         self.ema = EMA(self.model, t.ema.decay, t.ema.update_every) if t.ema.enabled else None
 
-        self.train_ds, self.val_ds = build_datasets(cfg.data, cfg.seed)
         self.batches_per_epoch = batches_per_epoch(self.train_ds, cfg.data, g.world_size)
         if self.batches_per_epoch < 1:
             raise ValueError(
@@ -149,6 +150,8 @@ class Trainer:
         self.env = capture_env(t.device if g.distributed else str(self.device))  # the same on every rank
         # Fixed for the run: computed once, not at every save.
         self._metadata = {"config_hash": config_hash(cfg), "versions": package_versions(), "env": self.env}
+        if self.data_fingerprint is not None:
+            self._metadata["data_fingerprint"] = self.data_fingerprint["digest"]
         if g.distributed:
             self._metadata["global_batch"] = cfg.data.batch_size * g.world_size * self.accum
         self._iter = None
@@ -159,6 +162,8 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         state = {name: part.state_dict() for name, part in self.states.items()}
         state.update(config=to_plain(self.cfg), env=self.env, config_changes=list(self.config_changes))
+        if self.data_fingerprint is not None:
+            state["data_fingerprint"] = self.data_fingerprint
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -180,6 +185,7 @@ class Trainer:
         t0 = time.perf_counter()
         self.config_changes += check_env(loaded.state.get("env"), self.env, allow=self.cfg.resume.allow_config_change)
         self._check_world_size(loaded)
+        self._check_data(loaded)
         try:
             self.load_state_dict(loaded.state)
         except (StateError, RuntimeError, KeyError, TypeError, ValueError) as exc:
@@ -195,6 +201,37 @@ class Trainer:
             self.position.batch_in_epoch,
             loaded.path,
         )
+
+    def _check_data(self, loaded: Loaded) -> None:
+        """The files the checkpoint was trained on, against the ones found now (wherever they are)."""
+        saved, here = loaded.state.get("data_fingerprint"), self.data_fingerprint
+        if here is None:
+            return
+        if not isinstance(saved, dict):
+            log.warning("resume.data_unchecked path=%s: the checkpoint holds no data fingerprint", loaded.path)
+            return
+        from .video import fingerprint_difference
+
+        diffs = fingerprint_difference(saved, here)
+        old_path = (loaded.state.get("config") or {}).get("data", {}).get("path")
+        if not diffs:
+            if old_path != self.cfg.data.path:
+                log.info(
+                    "resume.data_moved from=%s to=%s: the same files (fingerprint %s)",
+                    old_path,
+                    self.cfg.data.path,
+                    here["digest"][:12],
+                )
+            return
+        listed = "\n  ".join(diffs[:20]) + (f"\n  ... and {len(diffs) - 20} more" if len(diffs) > 20 else "")
+        msg = f"the data under data.path={self.cfg.data.path} differs from the data {loaded.path} was trained on:\n  "
+        if not self.cfg.resume.allow_config_change:
+            raise StateError(
+                msg + listed + "\nRestore those files, or pass resume.allow_config_change=true to train on the "
+                "new data (recorded in the next checkpoint's manifest)."
+            )
+        log.warning("resume.data_change allowed by resume.allow_config_change: %s", "; ".join(diffs))
+        self.config_changes += [f"data: {d}" for d in diffs]
 
     def _check_world_size(self, loaded: Loaded) -> None:
         """Refuse a checkpoint of another world size, or (when allowed) carry it over and say so."""
