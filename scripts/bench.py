@@ -20,6 +20,10 @@ job's (``Trainer.state_dict()`` after one optimizer step, so AdamW moments exist
                            via `python -m resilient_train.cli`, resuming / starting fresh
   save_every_step_vs_never_tiny, save_every_step_vs_never_magvit64
                            wall time of Trainer.fit checkpointing every step (async) / never
+  folder_vs_synthetic_tiny, folder_vs_synthetic_magvit64
+                           steps/s of Trainer.fit on a folder of real h264 videos (data.cache=disk, warm)
+                           / on synthetic clips of the same shape; beside it, the cold first pass over
+                           the folder (decode, resize, cache write) and a warm pass, per clip
   ranks2_vs_1_steps_per_s  tiny, the same global batch (4 clips a step): steps/s of 2 ranks under
                            torchrun (1 thread each, DDP over gloo) / steps/s of 1 process (2 threads);
                            on one machine both use the same 2 cores for the same arithmetic: 1.0 is
@@ -85,6 +89,8 @@ TARGETS = {
     "resume_vs_fresh_start": ("<=", 1.05),
     "save_every_step_vs_never_tiny": ("<=", 1.5),
     "save_every_step_vs_never_magvit64": ("<=", 1.05),
+    "folder_vs_synthetic_tiny": (">=", 0.9),
+    "folder_vs_synthetic_magvit64": (">=", 0.9),
     "ranks2_vs_1_steps_per_s": (">=", None),  # reported, not targeted: 2 cores (see the docstring)
     "ranks2_vs_1_save_s": ("<=", None),
 }
@@ -777,6 +783,70 @@ def bench_resume(work: Path, reps: int, budget_s: float, base_steps: int = 1) ->
     }
 
 
+def _make_videos(folder: Path, files: int, frames: int, height: int, width: int) -> None:
+    from resilient_train.video import write_video
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(files):
+        # Moving colour blocks: content an encoder has to work for, unlike flat frames.
+        base = rng.integers(0, 256, (height * 2, width * 2, 3), dtype=np.uint8)
+        video = np.stack([base[t % height : t % height + height, t % width : t % width + width] for t in range(frames)])
+        write_video(folder / f"video{i}.mp4", video, codec="libx264", fps=25)
+
+
+def bench_folder(work: Path, name: str, n: int, pairs: int, budget_s: float) -> dict[str, Any]:
+    """The same job on a folder of real videos (disk cache) and on synthetic data: fit steps/s, interleaved."""
+    from resilient_train.trainer import Trainer
+
+    size = {"tiny": (24, 32, 60), "magvit64": (96, 128, 96)}[name]
+    _make_videos(work / "videos", 6, size[2], size[0], size[1])
+    _make_videos(work / "val", 1, size[2], size[0], size[1])
+    folder_args = [
+        "data=folder",
+        f"data.path={work / 'videos'}",
+        f"data.val_path={work / 'val'}",
+        "data.cache=disk",
+        f"data.cache_dir={work / 'cache'}",
+    ]
+    folder = Trainer(compose([f"+experiment={name}", *folder_args, *LOOP_OVERRIDES]), work / "folder")
+    synth = Trainer(compose([f"+experiment={name}", *LOOP_OVERRIDES]), work / "synthetic")
+    ds = folder.train_ds
+    t0 = time.perf_counter()
+    for i in range(len(ds)):
+        ds[i]
+    cold = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for i in range(len(ds)):
+        ds[i]
+    warm = time.perf_counter() - t0
+    folder_d: list[float] = []
+    synth_d: list[float] = []
+    for p in within_budget(pairs, budget_s, f"folder {name}"):
+        order = (folder, synth) if p % 2 == 0 else (synth, folder)
+        for trainer in order:
+            s = trainer.counters.step
+            d = durations(fit_steps(trainer, s, n))
+            (folder_d if trainer is folder else synth_d).extend(d)
+    say(f"  folder {name}: {1 / median(folder_d):.3f} steps/s, synthetic {1 / median(synth_d):.3f} steps/s")
+    return {
+        f"folder_vs_synthetic_{name}": {
+            "ratio_is": "(folder steps/s) / (synthetic steps/s), from the median step time of each",
+            "ours_steps_per_s": 1 / median(folder_d),
+            "baseline_steps_per_s": 1 / median(synth_d),
+            "ours": f"Trainer.fit, {name}, data=folder: 6 h264 mp4 of {size[2]} frames {size[1]}x{size[0]}, "
+            "data.cache=disk (warm)",
+            "baseline": f"Trainer.fit, {name}, synthetic clips of the same shape",
+            "clips": len(ds),
+            "cold_first_pass_s": cold,
+            "cold_s_per_clip": cold / len(ds),
+            "warm_pass_s": warm,
+            "warm_s_per_clip": warm / len(ds),
+            "_ratio": median(synth_d) / median(folder_d),
+        }
+    }
+
+
 def _ranked_run(work: Path, name: str, nproc: int, steps: int) -> tuple[float, list[float]]:
     """tiny for ``steps`` steps, global batch 4: (steps/s after the first 3 steps, ckpt.save seconds)."""
     run_dir, log = work / name, work / f"{name}.log"
@@ -883,7 +953,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer repetitions and steps (a smoke test)")
     ap.add_argument("--out", type=Path, default=Path.cwd() / "outputs" / "bench" / "bench.json")
     ap.add_argument(
-        "--only", default="", help="sections: save,hash,async,loop64,often64,tiny,often,resume,ranks (dev aid)"
+        "--only", default="", help="sections: save,hash,async,loop64,often64,tiny,often,folder,resume,ranks (dev aid)"
     )
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -942,6 +1012,11 @@ def main(argv: list[str] | None = None) -> int:
             section(bench_save_often, tiny, "tiny", n=10 if q else 20, pairs=2 if q else 4, budget_s=60)
         if want("tiny") or want("often"):
             del tiny
+        for name in ("tiny", "magvit64"):
+            if want("folder"):
+                say(f"real-video folder vs synthetic: {name}")
+                n = (6 if q else 12) if name == "tiny" else (3 if q else 4)
+                section(bench_folder, work / f"folder-{name}", name, n=n, pairs=2 if q else 4, budget_s=150)
         if want("resume"):
             say("resume vs fresh start (subprocesses)")
             section(bench_resume, work / "resume", 1 if q else 4, budget_s=120)

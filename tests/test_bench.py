@@ -34,6 +34,8 @@ RATIOS = {
     "resume_vs_fresh_start",
     "save_every_step_vs_never_tiny",
     "save_every_step_vs_never_magvit64",
+    "folder_vs_synthetic_tiny",
+    "folder_vs_synthetic_magvit64",
     "ranks2_vs_1_steps_per_s",
     "ranks2_vs_1_save_s",
 }
