@@ -12,3 +12,10 @@ for _k, _v in DETERMINISM_ENV.items():
     _os.environ.setdefault(_k, _v)
 
 __version__ = "0.1.0"
+
+
+def load_tokenizer(path, device="cpu"):
+    """An exported tokenizer (``python -m resilient_train.export``), in eval mode; see :mod:`.export`."""
+    from .export import load_tokenizer as _load
+
+    return _load(path, device)

@@ -1,0 +1,94 @@
+"""`python -m resilient_train.export`: the tokenizer, loaded by magvit2-pytorch alone, gives our codes bit for bit."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import torch
+from conftest import REPO, train_env
+
+import resilient_train
+from resilient_train.checkpoint import committed, load_checkpoint
+from resilient_train.export import LOAD_SNIPPET
+from resilient_train.model import build_model
+
+ALONE = """
+import sys, torch
+{snippet}
+video = torch.load(sys.argv[1])
+with torch.no_grad():
+    _, codes = tokenizer.encode(video, quantize=True, video_contains_first_frame=True)
+torch.save(codes, sys.argv[2])
+assert not any(m.startswith("resilient_train") for m in sys.modules), "the project was imported"
+"""
+
+
+def export(*args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "resilient_train.export", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO, env=train_env())
+
+
+def video() -> torch.Tensor:
+    return torch.rand(2, 3, 5, 16, 16, generator=torch.Generator().manual_seed(0))
+
+
+def test_export_loads_with_magvit2_alone_and_gives_our_codes_bit_for_bit(trained_run, tmp_path):
+    out = tmp_path / "tok"
+    proc = export(trained_run, "--out", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "tokenizer.safetensors"]
+    cfg = json.loads((out / "config.json").read_text())
+    ckpt = committed(trained_run / "checkpoints")[-1]
+    assert cfg["source"]["step"] == 20 and cfg["source"]["checkpoint"] == str(ckpt.resolve())
+    assert cfg["kwargs"]["use_fsq"] is True and cfg["kwargs"]["flash_attn"] is False
+    assert cfg["kwargs"]["perceptual_loss_weight"] == 0.0 and "discr" not in cfg["kwargs"]
+    assert cfg["clip"] == {"num_frames": 5, "image_size": 16, "channels": 3}
+    assert cfg["video_contains_first_frame"] is True and cfg["weights"] == "ema"
+
+    # magvit2-pytorch alone, in a process that never imports resilient_train, with the README's lines.
+    torch.save(video(), tmp_path / "video.pt")
+    script = ALONE.format(snippet=LOAD_SNIPPET.format(dir=out))
+    assert LOAD_SNIPPET.format(dir=out) in (out / "README.md").read_text()
+    alone = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "video.pt"), str(tmp_path / "codes.pt")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    codes_alone = torch.load(tmp_path / "codes.pt")
+
+    # Our own encode: the checkpoint's EMA weights in the model the trainer builds.
+    state = load_checkpoint(ckpt).state
+    from omegaconf import OmegaConf
+
+    ours = build_model(OmegaConf.create(state["config"]["model"])).copy_for_eval()
+    ours.load_state_dict(state["ema"], strict=True)
+    with torch.no_grad():
+        _, codes_ours = ours.eval().encode(video(), quantize=True, video_contains_first_frame=True)
+        _, codes_loaded = resilient_train.load_tokenizer(out).encode(video(), quantize=True)
+    assert codes_alone.dtype == codes_ours.dtype and codes_alone.shape == (2, 3, 8, 8)
+    assert torch.equal(codes_alone, codes_ours) and torch.equal(codes_loaded, codes_ours)
+    assert codes_ours.unique().numel() > 1
+
+
+def test_raw_model_weights_and_refusals(trained_run, tmp_path):
+    out = tmp_path / "raw"
+    assert export(trained_run, "--out", out, "--weights", "model").returncode == 0
+    state = load_checkpoint(committed(trained_run / "checkpoints")[-1]).state
+    from safetensors.torch import load_file
+
+    weights = load_file(out / "tokenizer.safetensors")
+    assert weights and not any(k.startswith("discr") for k in weights)
+    assert all(torch.equal(v, state["model"][k]) for k, v in weights.items())
+
+    again = export(trained_run, "--out", out)
+    assert again.returncode == 2 and "exists" in again.stderr
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    nothing = export(empty, "--out", tmp_path / "x")
+    assert nothing.returncode == 2 and "no committed checkpoint" in nothing.stderr
+    assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".tmp-*"))
