@@ -266,9 +266,22 @@ def plot_loss(
     out = Path(out_path) if out_path is not None else run_dir / "loss.png"
     out.parent.mkdir(parents=True, exist_ok=True)
 
-    fig = Figure(figsize=(8, 4.5), dpi=100)
+    psnr_steps, psnr_vals = _series(records, "eval", "psnr")
+    usage_steps, usage_vals = _series(records, "eval", "codebook_usage")
+    fig = Figure(figsize=(8, 7 if psnr_steps else 4.5), dpi=100)
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
+    ax = fig.add_subplot(2 if psnr_steps else 1, 1, 1)
+    if psnr_steps:  # the tokenizer's validation metrics, below the losses
+        ax2 = fig.add_subplot(2, 1, 2)
+        ax2.plot(psnr_steps, psnr_vals, marker="o", markersize=4, color="tab:green", label="val PSNR (dB)")
+        ax2.set_xlabel("step")
+        ax2.set_ylabel("PSNR (dB)")
+        ax2.grid(True, alpha=0.3)
+        if usage_steps:
+            ax3 = ax2.twinx()
+            ax3.plot(usage_steps, [100 * u for u in usage_vals], marker="s", markersize=4, color="tab:purple")
+            ax3.set_ylabel("codebook used (%)", color="tab:purple")
+        ax2.legend(loc="best", fontsize="small")
     if train_steps:
         ax.plot(train_steps, train_loss, linewidth=0.8, color="tab:blue", label="train loss")
     if val_steps:

@@ -83,9 +83,9 @@ class HistoryObserver(Observer):
         if step % self.every == 0:  # stamped when the step ended, before any evaluation
             metrics = {k: record[k] for k in self.TRAIN_KEYS}
             self.writer.write({"kind": "train", "step": step, "epoch": epoch, **metrics, "time": record["time"]})
-        if record["val_loss"] is not None:
-            val = record["val_loss"]
-            self.writer.write({"kind": "eval", "step": step, "epoch": epoch, "val_loss": val, "time": time.time()})
+        if record["val_loss"] is not None:  # val_loss, reconstruction and codebook metrics (.metrics)
+            metrics = {"val_loss": record["val_loss"], **trainer.last_eval}
+            self.writer.write({"kind": "eval", "step": step, "epoch": epoch, **metrics, "time": time.time()})
 
     def on_end(self, trainer: Trainer, status: str) -> None:
         if self.writer is not None:

@@ -136,12 +136,32 @@ def run_status(run_dir: str | os.PathLike, stale_after: float = 120.0) -> dict[s
         "last_train_step": last_train.get("step") if last_train else None,
         "last_val_loss": finite_float(last_eval.get("val_loss")) if last_eval else None,
         "last_val_step": last_eval.get("step") if last_eval else None,
+        "last_eval_metrics": {k: finite_float(last_eval.get(k)) for k in EVAL_METRICS if k in last_eval}
+        if last_eval
+        else {},
         "latest_checkpoint": hb.get("latest_checkpoint") or _latest_step_dir(run),
         "best_checkpoint": best,
         "heartbeat_time": hb_time,
         "heartbeat_age_secs": age,
         "stale_after_secs": stale_after,
     }
+
+
+#: The metrics of an evaluation record shown beside the validation loss (see resilient_train.metrics).
+EVAL_METRICS = ("psnr", "ssim", "mse", "codebook_usage", "codebook_perplexity")
+
+
+def _fmt_metrics(m: dict[str, Any]) -> str:
+    parts = []
+    if m.get("psnr") is not None:
+        parts.append(f"PSNR {m['psnr']:.2f} dB")
+    if m.get("ssim") is not None:
+        parts.append(f"SSIM {m['ssim']:.4f}")
+    if m.get("codebook_usage") is not None:
+        parts.append(f"codebook {100 * m['codebook_usage']:.1f}% used")
+    if m.get("codebook_perplexity") is not None:
+        parts.append(f"perplexity {m['codebook_perplexity']:.1f}")
+    return ", ".join(parts) or "-"
 
 
 def _ranks(run: Path, host: Any) -> list[dict[str, Any]]:
@@ -189,6 +209,7 @@ def format_status(s: dict[str, Any]) -> str:
         ("epoch", "-" if s["epoch"] is None else str(s["epoch"])),
         ("train loss", _fmt_loss(s["last_train_loss"], s["last_train_step"])),
         ("val loss", _fmt_loss(s["last_val_loss"], s["last_val_step"])),
+        ("val metrics", _fmt_metrics(s.get("last_eval_metrics") or {})),
         ("latest ckpt", s["latest_checkpoint"] or "-"),
         ("best ckpt", best_txt),
         ("heartbeat", age),

@@ -32,6 +32,7 @@ from .checkpoint.manager import SaveHook
 from .config import TrainConfig, TrainerConfig, config_hash, to_plain, typed
 from .data import batches_per_epoch, build_data, build_loader
 from .dist import Group
+from .metrics import Reconstruction
 from .model import build_model
 from .monitor import plot_loss, save_sample_grid
 from .observers import Observer, default_observers
@@ -156,6 +157,7 @@ class Trainer:
             self._metadata["global_batch"] = cfg.data.batch_size * g.world_size * self.accum
         self._iter = None
         self.stop_signal: int | None = None
+        self.last_eval: dict[str, float] = {}  # the latest evaluation's metrics (observers log them)
 
     # -- state ------------------------------------------------------------------------------
 
@@ -364,33 +366,37 @@ class Trainer:
         }
 
     @torch.no_grad()
-    def evaluate(self) -> float:
+    def evaluate(self) -> dict[str, float]:
+        """``val_loss`` and the reconstruction and codebook metrics (:mod:`.metrics`) on the validation clips."""
         t = self.cfg.trainer
         model = self.ema.model if self.ema is not None else self.model
         was_training = model.training
         model.eval()
         vcff = self.cfg.model.video_contains_first_frame
         loader = build_loader(self.val_ds, self.cfg.data, seed=self.cfg.seed, epoch=0, shuffle=False)
-        losses, samples = [], None
+        losses, samples, metrics = [], None, Reconstruction(self.cfg.model.fsq_levels)
         for i, video in enumerate(loader):
             if i >= t.eval_batches:
                 break
             video = video.to(self.device)
             loss, recon = model(video, return_recon_loss_only=True, video_contains_first_frame=vcff)
             losses.append(loss.item())
+            _, codes = model.encode(video, quantize=True, video_contains_first_frame=vcff)
+            metrics.add(video, recon, codes)
             if samples is None:
                 samples = (video[: t.num_samples].cpu(), recon[: t.num_samples].cpu())
         model.train(was_training)
         if samples is not None and t.num_samples > 0:
             save_sample_grid(samples[0], samples[1], self.run_dir / "samples" / f"step_{self.counters.step:08d}.png")
-        return sum(losses) / len(losses)
+        return {"val_loss": sum(losses) / len(losses), **metrics.result()}
 
     def maybe_evaluate(self) -> tuple[float | None, bool]:
         """Evaluate every ``eval_every_n_steps`` and at the last step: ``(val_loss, improved)``."""
         c, t = self.counters, self.cfg.trainer
         if c.step % t.eval_every_n_steps and c.step != t.max_steps:
             return None, False
-        val_loss = self.group.broadcast(self.evaluate() if self.group.is_main else None)  # rank 0 evaluates
+        self.last_eval = self.group.broadcast(self.evaluate() if self.group.is_main else None)  # rank 0 evaluates
+        val_loss = self.last_eval["val_loss"]
         improved = val_loss < c.best_val_loss
         if improved:
             c.best_val_loss, c.best_step = val_loss, c.step
