@@ -92,3 +92,46 @@ def test_raw_model_weights_and_refusals(trained_run, tmp_path):
     nothing = export(empty, "--out", tmp_path / "x")
     assert nothing.returncode == 2 and "no committed checkpoint" in nothing.stderr
     assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".tmp-*"))
+
+
+def test_tokenize_folders_into_codes_per_video_with_reconstructions(trained_run, tmp_path):
+    import numpy as np
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from resilient_train.video import probe, write_video
+
+    tok = tmp_path / "tok"
+    assert export(trained_run, "--out", tok).returncode == 0
+    videos = tmp_path / "videos"
+    (videos / "sub").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    exact = rng.integers(0, 256, (7, 16, 16, 3), dtype=np.uint8)
+    write_video(videos / "sub" / "b.mkv", exact, codec="ffv1")  # lossless, already 16x16: frames known exactly
+    write_video(videos / "a.mp4", rng.integers(0, 256, (12, 24, 32, 3), dtype=np.uint8), codec="libx264")
+    out = tmp_path / "codes"
+    cmd = [sys.executable, "-m", "resilient_train.tokenize", "--tokenizer", str(tok), str(videos), "--out", str(out)]
+    proc = subprocess.run([*cmd, "--reconstruct"], capture_output=True, text=True, timeout=300, env=train_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "a.mp4.recon.mp4",
+        "a.mp4.safetensors",
+        "sub__b.mkv.recon.mp4",
+        "sub__b.mkv.safetensors",
+    ]
+    a = load_file(out / "a.mp4.safetensors")
+    assert a["clip_starts"].tolist() == [0, 5] and a["codes"].shape == (2, 3, 8, 8) and a["codes"].dtype == torch.int32
+    b = load_file(out / "sub__b.mkv.safetensors")
+    assert b["clip_starts"].tolist() == [0]
+    clip = torch.from_numpy(exact[:5]).permute(3, 0, 1, 2).float().div(255)[None]  # (1, C, T, H, W)
+    with torch.no_grad():
+        _, want = resilient_train.load_tokenizer(tok).encode(clip, quantize=True, video_contains_first_frame=True)
+    assert torch.equal(b["codes"], want.to(torch.int32))
+    with safe_open(out / "sub__b.mkv.safetensors", "pt") as f:
+        meta = f.metadata()
+    assert (meta["source"], meta["frames"], meta["num_frames"]) == ("sub/b.mkv", "7", "5")
+    frames, _, width, height, _ = probe(str(out / "a.mp4.recon.mp4"))
+    assert (frames, width, height) == (10, 16, 32)  # 2 clips of 5 frames, input above reconstruction
+
+    bad = subprocess.run([*cmd, "--num-frames", "4"], capture_output=True, text=True, timeout=300, env=train_env())
+    assert bad.returncode == 2 and "takes clips of 3, 5, 7, 9" in bad.stderr

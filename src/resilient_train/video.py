@@ -52,6 +52,8 @@ __all__ = [
     "content_hash",
     "probe",
     "write_video",
+    "clips_of",
+    "Preprocessing",
 ]
 
 log = logging.getLogger(__name__)
@@ -440,3 +442,28 @@ def write_video(
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
+
+
+DEFAULT_EXTENSIONS = (".mp4", ".webm", ".gif", ".mkv", ".mov", ".avi")
+
+
+def clips_of(
+    inputs: Sequence[str | os.PathLike], prep: Preprocessing, *, skip_bad: bool = False
+) -> tuple[VideoClips, list[list[str]]]:
+    """Every clip of the given video files and folders (searched recursively), no split: for tools
+    (tokenize, evaluate) that take whatever the user names. Returns the clips and the skipped files."""
+    files: list[VideoFile] = []
+    bad: list[list[str]] = []
+    for item in map(str, inputs):
+        if os.path.isdir(item):
+            found, skipped = _probe_all(item, list_videos(item, DEFAULT_EXTENSIONS), skip_bad)
+        elif os.path.isfile(item):
+            found, skipped = _probe_all(os.path.dirname(item) or ".", [os.path.basename(item)], skip_bad)
+        else:
+            raise FileNotFoundError(f"{item}: no such video file or folder")
+        files += found
+        bad += skipped
+    clips = VideoClips(files, prep)
+    if not len(clips):
+        raise ValueError(f"no clip of {prep.span} frames in {[str(i) for i in inputs]}")
+    return clips, bad
