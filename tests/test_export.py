@@ -135,3 +135,18 @@ def test_tokenize_folders_into_codes_per_video_with_reconstructions(trained_run,
 
     bad = subprocess.run([*cmd, "--num-frames", "4"], capture_output=True, text=True, timeout=300, env=train_env())
     assert bad.returncode == 2 and "takes clips of 3, 5, 7, 9" in bad.stderr
+
+    # The training metrics, standalone, on the clip whose frames are known exactly.
+    ev = [sys.executable, "-m", "resilient_train.evaluate", "--tokenizer", str(tok), "--data", str(videos / "sub")]
+    proc = subprocess.run([*ev, "--json"], capture_output=True, text=True, timeout=300, env=train_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    from resilient_train.metrics import codebook_stats, psnr, ssim
+
+    with torch.no_grad():
+        model = resilient_train.load_tokenizer(tok)
+        q, codes = model.encode(clip, quantize=True, video_contains_first_frame=True)
+        recon = model.decode(q, video_contains_first_frame=True).clamp(0, 1)
+    assert report["clips"] == 1 and report["psnr"] == float(psnr(clip, recon)[0])
+    assert report["ssim"] == float(ssim(clip, recon)[0])
+    assert report["codebook_usage"] == codebook_stats(codes, 1000)["codebook_usage"]
