@@ -63,3 +63,25 @@ def test_a_run_logs_the_metrics_at_each_evaluation_and_status_shows_them(trained
         [sys.executable, "-m", "resilient_train.status", str(trained_run)], capture_output=True, text=True, cwd=REPO
     ).stdout
     assert f"PSNR {evals[-1]['psnr']:.2f} dB" in out and "codebook" in out and "perplexity" in out
+
+
+def test_tensorboard_log_continues_after_a_resume_without_duplicate_or_stale_steps(tmp_path):
+    from conftest import run_train
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    run_train(run, "trainer.max_steps=12", "checkpoint.every_n_steps=5", "logger=tensorboard")
+    # Fork the timeline at step 10: what steps 11 and 12 logged belongs to the discarded one.
+    run_train(run, f"resume_from={run / 'checkpoints' / 'step_00000010'}", "trainer.max_steps=14", experiment=None)
+    ea = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0, "images": 0})
+    ea.Reload()
+    history = {r["step"]: r for r in read_history(run) if r["kind"] == "train"}
+    loss = ea.Scalars("train/loss")
+    assert [e.step for e in loss] == list(range(1, 15))
+    assert all(math.isclose(e.value, history[e.step]["loss"], rel_tol=1e-6) for e in loss)  # the new timeline's
+    evals = {r["step"]: r for r in read_history(run) if r["kind"] == "eval"}
+    assert [e.step for e in ea.Scalars("val/psnr")] == sorted(evals) == [10, 14]
+    assert math.isclose(ea.Scalars("val/codebook_usage")[-1].value, evals[14]["codebook_usage"], rel_tol=1e-6)
+    assert [e.step for e in ea.Images("samples")] == [10, 14]
+    hparams = ea.PluginTagToContent("hparams")  # the hyperparameters, written once at the fresh start
+    assert "_hparams_/session_start_info" in hparams and b"optimizer.lr" in hparams["_hparams_/session_start_info"]

@@ -193,6 +193,10 @@ def start(cfg: DictConfig, run_dir: Path, overrides: list[str], lock: RunLock, g
 def _build(plan: ResumePlan, run_dir: Path, g: Group, trainer_cls: type[Trainer]) -> Trainer:
     """This rank's trainer, restored from the plan's checkpoint (if any); every refusal is raised here."""
     validate_config(plan.cfg)
+    if plan.cfg.logger == "tensorboard":
+        from .tblog import require_tensorboard
+
+        require_tensorboard()
     chaos = None
     if plan.cfg.chaos.enabled:
         from .chaos import Chaos  # only imported when chaos is on

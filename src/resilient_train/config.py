@@ -172,6 +172,7 @@ class TrainConfig:
     experiment: str = "default"
     seed: int = 0
     resume_from: str | None = None
+    logger: str = "none"  # none | tensorboard (RUN/tensorboard, besides history.jsonl)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
@@ -185,6 +186,7 @@ class TrainConfig:
 # compared against the checkpoint's config before training starts.
 RESUME_SAFE_KEYS: tuple[str, ...] = (
     "resume_from",
+    "logger",
     "resume.",
     "trainer.max_steps",
     "trainer.log_every_n_steps",
@@ -311,6 +313,7 @@ def validate_config(cfg: Any) -> None:
     need(d.name != "folder" or bool(d.path), "data.path", d.path, "data=folder needs data.path=DIR")
     need(d.batch_size >= 1, "data.batch_size", d.batch_size, "must be >= 1")
     need(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0")
+    need(cfg.logger in ("none", "tensorboard"), "logger", cfg.logger, "must be none or tensorboard")
     need(d.frame_step >= 1, "data.frame_step", d.frame_step, "must be >= 1")
     need(d.clip_stride >= 0, "data.clip_stride", d.clip_stride, "must be >= 0 (0: clips end to end)")
     need(d.cache in ("none", "memory", "disk"), "data.cache", d.cache, "must be none, memory or disk")

@@ -445,6 +445,10 @@ class Trainer:
         """Train to ``trainer.max_steps`` or until a signal: exit code 0 (finished) or 75 (stopped, saved)."""
         c, t, g = self.counters, self.cfg.trainer, self.group
         observers = [*default_observers(t, g), *self.observers]
+        if self.cfg.logger == "tensorboard" and g.is_main:
+            from .tblog import TensorBoardObserver
+
+            observers.append(TensorBoardObserver())
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         status, last, stopping = "failed", {}, False
         self.wrap_ddp()
