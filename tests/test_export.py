@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
+import pytest
 import torch
 from conftest import REPO, train_env
 
@@ -34,10 +36,17 @@ def video() -> torch.Tensor:
     return torch.rand(2, 3, 5, 16, 16, generator=torch.Generator().manual_seed(0))
 
 
-def test_export_loads_with_magvit2_alone_and_gives_our_codes_bit_for_bit(trained_run, tmp_path):
-    out = tmp_path / "tok"
+@pytest.fixture(scope="module")
+def exported(trained_run, tmp_path_factory) -> Path:
+    """The EMA tokenizer of the shared tiny run, exported once (read-only for the tests)."""
+    out = tmp_path_factory.mktemp("export") / "tok"
     proc = export(trained_run, "--out", out)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def test_export_loads_with_magvit2_alone_and_gives_our_codes_bit_for_bit(trained_run, exported, tmp_path):
+    out = exported
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "tokenizer.safetensors"]
     cfg = json.loads((out / "config.json").read_text())
     ckpt = committed(trained_run / "checkpoints")[-1]
@@ -94,15 +103,14 @@ def test_raw_model_weights_and_refusals(trained_run, tmp_path):
     assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".tmp-*"))
 
 
-def test_tokenize_folders_into_codes_per_video_with_reconstructions(trained_run, tmp_path):
+def test_tokenize_folders_into_codes_per_video_with_reconstructions(exported, tmp_path):
     import numpy as np
     from safetensors import safe_open
     from safetensors.torch import load_file
 
     from resilient_train.video import probe, write_video
 
-    tok = tmp_path / "tok"
-    assert export(trained_run, "--out", tok).returncode == 0
+    tok = exported
     videos = tmp_path / "videos"
     (videos / "sub").mkdir(parents=True)
     rng = np.random.default_rng(0)
