@@ -15,7 +15,7 @@ from resilient_train.data import (
     SequentialResumableSampler,
     SyntheticVideoDataset,
     batches_per_epoch,
-    build_datasets,
+    build_data,
     build_loader,
 )
 
@@ -176,7 +176,7 @@ def test_sampler_rejects_bad_start():
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_loader_start_batch_yields_tail_of_epoch(num_workers):
     cfg = data_cfg(num_workers=num_workers)
-    train, _ = build_datasets(cfg, seed=11)
+    train, _, _ = build_data(cfg, seed=11)
     assert batches_per_epoch(train, cfg) == 6
     full = list(build_loader(train, cfg, seed=11, epoch=2))
     assert len(full) == 6
@@ -197,7 +197,7 @@ def test_loader_start_batch_yields_tail_of_epoch(num_workers):
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_iterating_loaders_leaves_global_rngs_untouched(num_workers):
     cfg = data_cfg(num_workers=num_workers)
-    train, val = build_datasets(cfg, seed=0)
+    train, val, _ = build_data(cfg, seed=0)
     torch.manual_seed(42)
     np.random.seed(42)
     random.seed(42)
@@ -211,7 +211,7 @@ def test_iterating_loaders_leaves_global_rngs_untouched(num_workers):
 
 def test_sequential_loader_and_start_batch():
     cfg = data_cfg(batch_size=3)
-    _, val = build_datasets(cfg, seed=0)
+    _, val, _ = build_data(cfg, seed=0)
     batches = list(build_loader(val, cfg, seed=0, epoch=0, shuffle=False))
     assert len(batches) == 2  # 8 // 3, last partial batch dropped
     assert torch.equal(batches[0], torch.stack([val[i] for i in range(3)]))
@@ -221,16 +221,16 @@ def test_sequential_loader_and_start_batch():
         build_loader(val, cfg, seed=0, epoch=0, start_batch=3)
 
 
-def test_build_datasets_synthetic_and_errors():
+def test_build_data_synthetic_and_errors():
     cfg = data_cfg(train_size=10, val_size=3)
-    train, val = build_datasets(cfg, seed=4)
-    assert (len(train), len(val)) == (10, 3)
+    train, val, fingerprint = build_data(cfg, seed=4)
+    assert (len(train), len(val), fingerprint) == (10, 3, None)  # synthetic: the config determines the data
     assert train.split == "train" and val.split == "val"
     assert torch.equal(train[0], synth(seed=4)[0])
     # Any object with attributes works, not just DictConfig.
     ns = SimpleNamespace(**OmegaConf.to_container(cfg))
-    assert torch.equal(build_datasets(ns, seed=4)[1][2], val[2])
+    assert torch.equal(build_data(ns, seed=4)[1][2], val[2])
     with pytest.raises(ValueError, match="data.name"):
-        build_datasets(data_cfg(name="imagenet"), seed=0)
+        build_data(data_cfg(name="imagenet"), seed=0)
     with pytest.raises(ValueError, match="data.path"):
-        build_datasets(data_cfg(name="folder", path=None), seed=0)
+        build_data(data_cfg(name="folder", path=None), seed=0)

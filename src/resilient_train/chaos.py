@@ -97,7 +97,7 @@ def read_events(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
                 out.append(json.loads(line))
             except json.JSONDecodeError:
                 continue  # a line cut short by the kill it announced
-    return sorted(out, key=lambda e: e.get("time", 0)) if len(out) > 1 else out
+    return sorted(out, key=lambda e: e.get("time", 0))
 
 
 def corrupt_checkpoint(ckpt: Path, how: str, seed: int = 0, rank: int | None = None) -> str:

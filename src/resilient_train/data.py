@@ -32,7 +32,6 @@ __all__ = [
     "VideoReadError",
     "ResumableSampler",
     "SequentialResumableSampler",
-    "build_datasets",
     "build_data",
     "build_loader",
     "batches_per_epoch",
@@ -313,11 +312,6 @@ def build_data(data_cfg: Any, seed: int) -> tuple[Dataset, Dataset, dict[str, An
     train = SyntheticVideoDataset(split="train", length=int(_cfg_get(data_cfg, "train_size")), **common)
     val = SyntheticVideoDataset(split="val", length=int(_cfg_get(data_cfg, "val_size")), **common)
     return train, val, None
-
-
-def build_datasets(data_cfg: Any, seed: int) -> tuple[Dataset, Dataset]:
-    """The (train, val) datasets described by the ``data`` config group."""
-    return build_data(data_cfg, seed)[:2]
 
 
 def batches_per_epoch(dataset: Dataset, data_cfg: Any, world_size: int = 1) -> int:

@@ -21,11 +21,11 @@ __all__ = ["evaluate_tokenizer", "main"]
 def evaluate_tokenizer(
     tokenizer_dir: Path, data: list[Path], *, batch_size: int = 4, max_clips: int = 0, device: str = "cpu"
 ) -> dict[str, Any]:
-    from .export import load_tokenizer
+    from .export import load_tokenizer, read_config
     from .metrics import Reconstruction
     from .video import Preprocessing, clips_of
 
-    cfg = json.loads((Path(tokenizer_dir) / "config.json").read_text())
+    cfg = read_config(tokenizer_dir)
     c, vcff = cfg["clip"], bool(cfg["video_contains_first_frame"])
     n = int(c["num_frames"])
     clips, skipped = clips_of(data, Preprocessing(n, 1, n, int(c["image_size"]), int(c["channels"])))

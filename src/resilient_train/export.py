@@ -34,7 +34,7 @@ from .checkpoint import CheckpointError, load_checkpoint
 from .checkpoint.layout import MANIFEST, checkpoints_under, read_best
 from .fsio import fsync_dir, write_durable
 
-__all__ = ["export_tokenizer", "load_tokenizer", "tokenizer_kwargs", "main", "FORMAT"]
+__all__ = ["export_tokenizer", "load_tokenizer", "read_config", "tokenizer_kwargs", "main", "FORMAT"]
 
 FORMAT = "resilient-train-tokenizer/1"
 CONFIG = "config.json"
@@ -67,11 +67,8 @@ def _constructor_kwargs(kw: dict[str, Any]) -> dict[str, Any]:
     return kw
 
 
-def load_tokenizer(path: str | os.PathLike, device: str | torch.device = "cpu") -> torch.nn.Module:
-    """An exported tokenizer, in eval mode, weights loaded strictly."""
-    from magvit2_pytorch import VideoTokenizer
-    from safetensors.torch import load_file
-
+def read_config(path: str | os.PathLike) -> dict[str, Any]:
+    """The ``config.json`` of an exported tokenizer folder (its format checked)."""
     path = Path(path)
     try:
         cfg = json.loads((path / CONFIG).read_text())
@@ -81,7 +78,16 @@ def load_tokenizer(path: str | os.PathLike, device: str | torch.device = "cpu") 
         ) from None
     if cfg.get("format") != FORMAT:
         raise ValueError(f"{path / CONFIG}: format {cfg.get('format')!r}, this code reads {FORMAT!r}")
-    model = VideoTokenizer(**_constructor_kwargs(cfg["kwargs"])).copy_for_eval()
+    return cfg
+
+
+def load_tokenizer(path: str | os.PathLike, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """An exported tokenizer, in eval mode, weights loaded strictly."""
+    from magvit2_pytorch import VideoTokenizer
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    model = VideoTokenizer(**_constructor_kwargs(read_config(path)["kwargs"])).copy_for_eval()
     model.load_state_dict(load_file(path / WEIGHTS), strict=True)
     return model.to(device).eval()
 
@@ -95,9 +101,8 @@ def _checkpoint_of(source: Path) -> Path:
 
 def export_tokenizer(source: str | os.PathLike, out: str | os.PathLike, weights: str = "ema") -> Path:
     """Write the tokenizer of ``source`` (a checkpoint, or a run directory: its newest checkpoint) to ``out``."""
+    from magvit2_pytorch import VideoTokenizer
     from safetensors.torch import save_file
-
-    from .model import build_model
 
     source, out = Path(source), Path(out)
     if out.exists():
@@ -111,21 +116,18 @@ def export_tokenizer(source: str | os.PathLike, out: str | os.PathLike, weights:
 
     mcfg, dcfg = OmegaConf.create(cfg["model"]), cfg["data"]
     kwargs = tokenizer_kwargs(mcfg)
+    with torch.random.fork_rng(devices=[]):  # the generator the folder describes (its init draws random numbers)
+        generator = VideoTokenizer(**_constructor_kwargs(kwargs)).copy_for_eval()
     if weights == "ema":
         if "ema" not in state:
             raise CheckpointError(f"{ckpt}: no ema.safetensors (EMA was off); pass --weights model")
         tensors = state["ema"]
     elif weights == "model":
-        with torch.random.fork_rng(devices=[]):
-            generator_keys = set(build_model(mcfg).copy_for_eval().state_dict())
-        tensors = {k: v for k, v in state["model"].items() if k in generator_keys}
+        keys = set(generator.state_dict())
+        tensors = {k: v for k, v in state["model"].items() if k in keys}
     else:
         raise ValueError(f"--weights must be ema or model, got {weights!r}")
-    # The folder must load: build the tokenizer from the written kwargs and load the weights strictly.
-    from magvit2_pytorch import VideoTokenizer
-
-    with torch.random.fork_rng(devices=[]):
-        VideoTokenizer(**_constructor_kwargs(kwargs)).copy_for_eval().load_state_dict(tensors, strict=True)
+    generator.load_state_dict(tensors, strict=True)  # the folder must load, strictly, into what its kwargs build
     manifest_hash = xxhash.xxh3_128((ckpt / MANIFEST).read_bytes()).hexdigest()
     config = {
         "format": FORMAT,

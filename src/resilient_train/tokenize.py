@@ -22,14 +22,11 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
 __all__ = ["main", "tokenize_videos"]
-
-
-def _time_factor(kwargs: dict) -> int:
-    return 2 ** sum(1 for x in kwargs["layers"] if (x[0] if isinstance(x, list) else x) == "compress_time")
 
 
 def tokenize_videos(
@@ -47,13 +44,14 @@ def tokenize_videos(
     from safetensors.torch import save_file
     from tqdm import tqdm
 
-    from .export import load_tokenizer
+    from .export import load_tokenizer, read_config
+    from .model import time_downsample_factor
     from .video import Preprocessing, clips_of, write_video
 
-    cfg = json.loads((Path(tokenizer_dir) / "config.json").read_text())
+    cfg = read_config(tokenizer_dir)
     vcff = bool(cfg["video_contains_first_frame"])
     n = int(num_frames or cfg["clip"]["num_frames"])
-    tdf = _time_factor(cfg["kwargs"])
+    tdf = time_downsample_factor(SimpleNamespace(layers=cfg["kwargs"]["layers"]))
     if n - int(vcff) <= 0 or (n - int(vcff)) % tdf:
         valid = [k * tdf + int(vcff) for k in range(1, 5)]
         raise ValueError(
