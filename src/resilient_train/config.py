@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -263,8 +265,109 @@ def is_resume_safe(key: str, safe: tuple[str, ...] = RESUME_SAFE_KEYS) -> bool:
     return any(key == s or (s.endswith(".") and key.startswith(s)) for s in safe)
 
 
+# ----------------------------------------------------------------------------------------------
+# validation
+
+#: Layers of ``magvit2_pytorch.VideoTokenizer`` this project can build (the ``cond_*`` layers need
+#: ``dim_cond`` and a conditioning input, which nothing here passes). Name -> its argument:
+#: None (takes none), "dim" (optional output width), "count" (required number of residual units).
+LAYER_TYPES: dict[str, str | None] = {
+    "residual": None,
+    "attend_space": None,
+    "linear_attend_space": None,
+    "attend_time": None,
+    "gateloop_time": None,
+    "compress_space": "dim",
+    "compress_time": "dim",
+    "consecutive_residual": "count",
+}
+
+#: The FSQ codebook (the product of ``model.fsq_levels``) is materialised in memory by the quantizer
+#: and by the codebook metrics; beyond this many codes that alone exhausts a machine's memory.
+MAX_CODEBOOK_SIZE = 2**24
+
+
+class _Unreadable:
+    """What :func:`validate_config` sees for a key it cannot read (missing, ``???``, a broken interpolation)."""
+
+    def __init__(self, exc: BaseException) -> None:
+        self.why = f"{type(exc).__name__}: {exc}".splitlines()[0]
+
+    def __bool__(self) -> bool:
+        return False
+
+    def __repr__(self) -> str:
+        return f"<unreadable: {self.why}>"
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _int_ge(v: Any, lo: int) -> bool:
+    return _is_int(v) and v >= lo
+
+
+def _finite(v: Any) -> bool:
+    """A real number that is neither NaN nor infinite (ints are always finite)."""
+    return _is_int(v) or (isinstance(v, float) and math.isfinite(v))
+
+
+def _not_nan(v: Any) -> bool:
+    return _is_int(v) or (isinstance(v, float) and not math.isnan(v))
+
+
+def _plain_list(v: Any) -> list[Any] | None:
+    """``v`` as a plain list (a ListConfig converted), or None when it is not a list."""
+    try:
+        v = to_plain(v)
+    except Exception:
+        return None
+    return list(v) if isinstance(v, (list, tuple)) else None
+
+
+def _show(v: Any) -> Any:
+    try:
+        return to_plain(v)
+    except Exception:
+        return v
+
+
+def _layer_problem(item: Any) -> str | None:
+    """Why one ``model.layers`` entry cannot be built, or None when it can."""
+    known = sorted(LAYER_TYPES)
+    name = item[0] if isinstance(item, (list, tuple)) and item else item
+    if isinstance(name, str) and name.startswith("cond_"):
+        return f"{name!r} needs a conditioning input (dim_cond, cond), which this trainer does not pass; known: {known}"
+    if isinstance(item, str):
+        if item not in LAYER_TYPES:
+            return f"unknown layer {item!r}; known layers: {known}"
+        if LAYER_TYPES[item] == "count":
+            return f"{item!r} needs its number of residual units: [{item}, N]"
+        return None
+    if not isinstance(item, (list, tuple)):
+        return f"must be a layer name or [name, positive int] (got a {type(item).__name__}); known layers: {known}"
+    if not item or not isinstance(item[0], str) or item[0] not in LAYER_TYPES:
+        return f"the first element must be a known layer name: {known}"
+    name, args, arg = item[0], list(item[1:]), LAYER_TYPES[item[0]]
+    if arg is None and args:
+        return f"{name!r} takes no argument (it keeps the width); write it as the plain string {name!r}"
+    if arg == "count" and len(args) != 1:
+        return f"{name!r} needs exactly one argument: [{name}, N] with N residual units"
+    if len(args) > 1:
+        return f"{name!r} takes at most one argument: [{name}, DIM] (DIM: the output width)"
+    if args and not _int_ge(args[0], 1):
+        return f"the argument of {name!r} must be an integer >= 1"
+    return None
+
+
 def validate_config(cfg: Any) -> None:
-    """Check values a type cannot; raise one ``ValueError`` listing every bad key."""
+    """Check values a type cannot; raise one ``ValueError`` listing every bad key.
+
+    Every key of the schema is either checked against its meaning here or is free (strings such as
+    paths and names, booleans). Nothing but that one ``ValueError`` escapes, whatever the values
+    (a config read back from a checkpoint is not type-checked by the schema).
+    """
     from .checkpoint.layout import SAVE_PHASES
     from .model import time_downsample_factor
 
@@ -272,89 +375,281 @@ def validate_config(cfg: Any) -> None:
 
     def need(cond: bool, key: str, value: Any, why: str) -> None:
         if not cond:
-            errors.append(f"{key}={value!r}: {why}")
+            errors.append(f"{key}={_show(value)!r}: {why}")
 
-    m, d, o, t, c = cfg.model, cfg.data, cfg.optimizer, cfg.trainer, cfg.checkpoint
-    levels = list(m.fsq_levels)
-    need(
-        len(levels) > 0 and all(int(v) >= 3 for v in levels),
-        "model.fsq_levels",
-        levels,
-        "each FSQ level must be an integer >= 3 (a level of 2 is not supported by FSQ here)",
-    )
-    need(
-        m.image_size >= 8 and (m.image_size & (m.image_size - 1)) == 0,
-        "model.image_size",
-        m.image_size,
-        "must be a power of two >= 8",
-    )
-    need(d.image_size == m.image_size, "data.image_size", d.image_size, f"must equal model.image_size ({m.image_size})")
-    need(d.channels == m.channels, "data.channels", d.channels, f"must equal model.channels ({m.channels})")
+    def get(key: str) -> Any:
+        node = cfg
+        try:
+            for part in key.split("."):
+                node = node[part] if isinstance(node, dict) else getattr(node, part)
+        except Exception as exc:  # a missing key, a ``???`` value, a broken interpolation
+            return _Unreadable(exc)
+        return node
+
     try:
-        tdf = time_downsample_factor(m)
-        usable = d.num_frames - int(m.video_contains_first_frame)
-        need(
-            usable > 0 and usable % tdf == 0,
-            "data.num_frames",
-            d.num_frames,
-            f"num_frames - int(model.video_contains_first_frame) must be a positive multiple of {tdf} "
-            f"(2 ** number of compress_time layers); for 16 frames set model.video_contains_first_frame=false",
-        )
-    except (TypeError, ValueError) as exc:
-        errors.append(f"model.layers={to_plain(m.layers)!r}: {exc}")
-    need(
-        m.perceptual_loss_weight == 0 or bool(m.vgg_weights_path),
-        "model.vgg_weights_path",
-        m.vgg_weights_path,
-        "model.perceptual_loss_weight > 0 needs a local VGG16 weights file (nothing is downloaded)",
-    )
-    need(m.grad_penalty_every >= 1, "model.grad_penalty_every", m.grad_penalty_every, "must be >= 1")
-    need(d.name in ("synthetic", "folder"), "data.name", d.name, "must be 'synthetic' or 'folder'")
-    need(d.name != "folder" or bool(d.path), "data.path", d.path, "data=folder needs data.path=DIR")
-    need(d.batch_size >= 1, "data.batch_size", d.batch_size, "must be >= 1")
-    need(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0")
-    need(cfg.logger in ("none", "tensorboard"), "logger", cfg.logger, "must be none or tensorboard")
-    need(d.frame_step >= 1, "data.frame_step", d.frame_step, "must be >= 1")
-    need(d.clip_stride >= 0, "data.clip_stride", d.clip_stride, "must be >= 0 (0: clips end to end)")
-    need(d.cache in ("none", "memory", "disk"), "data.cache", d.cache, "must be none, memory or disk")
-    need(d.name != "folder" or d.channels in (1, 3), "data.channels", d.channels, "real videos give 1 or 3 channels")
-    need(d.train_size >= d.batch_size, "data.train_size", d.train_size, "must be >= data.batch_size")
-    need(d.val_size >= 1, "data.val_size", d.val_size, "must be >= 1")
-    need(o.lr > 0, "optimizer.lr", o.lr, "must be > 0")
-    need(o.discr_lr > 0, "optimizer.discr_lr", o.discr_lr, "must be > 0")
-    need(len(o.betas) == 2, "optimizer.betas", list(o.betas), "must be two numbers")
-    need(o.warmup_steps >= 0, "optimizer.warmup_steps", o.warmup_steps, "must be >= 0")
-    need(
-        o.schedule_steps > o.warmup_steps,
-        "optimizer.schedule_steps",
-        o.schedule_steps,
-        f"must be > optimizer.warmup_steps ({o.warmup_steps})",
-    )
-    need(0 <= o.min_lr_ratio <= 1, "optimizer.min_lr_ratio", o.min_lr_ratio, "must be in [0, 1]")
-    need(t.max_steps >= 1, "trainer.max_steps", t.max_steps, "must be >= 1")
-    need(t.grad_accum_steps >= 1, "trainer.grad_accum_steps", t.grad_accum_steps, "must be >= 1")
-    need(t.num_threads >= 1, "trainer.num_threads", t.num_threads, "must be >= 1")
-    need(t.eval_every_n_steps >= 1, "trainer.eval_every_n_steps", t.eval_every_n_steps, "must be >= 1")
-    need(t.dist_timeout_secs > 0, "trainer.dist_timeout_secs", t.dist_timeout_secs, "must be > 0")
-    need(t.log_every_n_steps >= 1, "trainer.log_every_n_steps", t.log_every_n_steps, "must be >= 1")
-    need(0 < t.ema.decay < 1, "trainer.ema.decay", t.ema.decay, "must be in (0, 1)")
-    need(t.device == "cpu" or t.device.startswith("cuda"), "trainer.device", t.device, "must be 'cpu' or 'cuda[:N]'")
-    need(c.every_n_steps >= 1, "checkpoint.every_n_steps", c.every_n_steps, "must be >= 1")
-    need(c.keep_last >= 0, "checkpoint.keep_last", c.keep_last, "must be >= 0 (0 keeps every checkpoint)")
-    rf = cfg.resume_from
-    need(rf is None or str(rf).strip() != "", "resume_from", rf, "must be null, 'auto' or a path")
-    need(
-        cfg.chaos.skip_restore in ("", "rng", "data"),
-        "chaos.skip_restore",
-        cfg.chaos.skip_restore,
-        "must be '', 'rng' or 'data'",
-    )
-    hold_phase, _, hold_step = str(cfg.chaos.hold_phase).partition("@")
-    need(
-        hold_phase in ("", *SAVE_PHASES) and (not hold_step or hold_step.isdigit()),
-        "chaos.hold_phase",
-        cfg.chaos.hold_phase,
-        f"must be '' or one of {list(SAVE_PHASES)}, optionally followed by @STEP",
-    )
+        _check_all(cfg, get, need, SAVE_PHASES, time_downsample_factor)
+    except Exception as exc:  # a backstop: every check above is written not to raise
+        errors.append(f"the configuration could not be checked completely ({type(exc).__name__}: {exc})")
     if errors:
         raise ValueError("invalid configuration:\n  " + "\n  ".join(errors))
+
+
+def _check_all(cfg: Any, get: Any, need: Any, save_phases: tuple[str, ...], time_downsample_factor: Any) -> None:
+    # ------------------------------------------------------------------ plain integer ranges
+    at_least = {
+        "model.channels": 1,
+        "model.init_dim": 1,
+        "model.num_codebooks": 1,
+        "model.attn_dim_head": 1,
+        "model.attn_heads": 1,
+        "model.grad_penalty_every": 1,
+        "model.discr.dim": 1,
+        "model.discr.max_dim": 1,
+        "model.discr.attn_heads": 1,
+        "model.discr.attn_dim_head": 1,
+        "model.discr.linear_attn_heads": 1,
+        "model.discr.linear_attn_dim_head": 1,
+        "data.num_frames": 1,
+        "data.batch_size": 1,
+        "data.num_workers": 0,
+        "data.train_size": 1,
+        "data.val_size": 1,
+        "data.num_shapes": 1,
+        "data.frame_step": 1,
+        "data.clip_stride": 0,
+        "optimizer.warmup_steps": 0,
+        "trainer.max_steps": 1,
+        "trainer.grad_accum_steps": 1,
+        "trainer.num_threads": 1,
+        "trainer.eval_every_n_steps": 1,
+        "trainer.eval_batches": 1,
+        "trainer.log_every_n_steps": 1,
+        "trainer.num_samples": 0,
+        "trainer.ema.update_every": 1,
+        "checkpoint.every_n_steps": 1,
+        "checkpoint.keep_last": 0,
+        "chaos.seed": 0,
+    }
+    notes = {
+        "data.clip_stride": " (0: clips end to end)",
+        "checkpoint.keep_last": " (0 keeps every checkpoint)",
+        "trainer.eval_batches": " (the validation loss is a mean over these batches)",
+        "trainer.num_samples": " (0: no sample images)",
+    }
+    for key, lo in at_least.items():
+        need(_int_ge(get(key), lo), key, get(key), f"must be an integer >= {lo}{notes.get(key, '')}")
+
+    # ------------------------------------------------------------------ real-number ranges
+    # (key, low, low inclusive, high, high inclusive, why); NaN and inf always refused here.
+    real_ranges: list[tuple[str, float, bool, float, bool, str]] = [
+        ("model.adversarial_loss_weight", 0, True, math.inf, False, "must be a finite number >= 0"),
+        ("model.grad_penalty_loss_weight", 0, True, math.inf, False, "must be a finite number >= 0"),
+        ("model.perceptual_loss_weight", 0, True, math.inf, False, "must be a finite number >= 0"),
+        ("data.val_fraction", 0, True, 1, False, "must be a number in [0, 1)"),
+        ("optimizer.lr", 0, False, math.inf, False, "must be a finite number > 0"),
+        ("optimizer.discr_lr", 0, False, math.inf, False, "must be a finite number > 0"),
+        ("optimizer.weight_decay", 0, True, math.inf, False, "must be a finite number >= 0"),
+        ("optimizer.min_lr_ratio", 0, True, 1, True, "must be a number in [0, 1]"),
+        ("trainer.heartbeat_secs", 0, True, math.inf, False, "must be a finite number >= 0"),
+        ("trainer.dist_timeout_secs", 0, False, math.inf, False, "must be a finite number > 0"),
+        ("trainer.ema.decay", 0, False, 1, False, "must be a number in (0, 1)"),
+        ("chaos.step_kill_rate", 0, True, 1, True, "must be a probability in [0, 1]"),
+        ("chaos.save_kill_rate", 0, True, 1, True, "must be a probability in [0, 1]"),
+        ("chaos.sigterm_rate", 0, True, 1, True, "must be a probability in [0, 1]"),
+        ("chaos.corrupt_rate", 0, True, 1, True, "must be a probability in [0, 1]"),
+    ]
+    for key, lo, lo_in, hi, hi_in, why in real_ranges:
+        v = get(key)
+        ok = _finite(v) and (v >= lo if lo_in else v > lo) and (v <= hi if hi_in else v < hi)
+        need(ok, key, v, why)
+
+    # ------------------------------------------------------------------ top level
+    seed = get("seed")
+    need(
+        _is_int(seed) and 0 <= seed < 2**63,
+        "seed",
+        seed,
+        "must be an integer in [0, 2**63) (torch.manual_seed takes 64 bits; negative seeds are refused)",
+    )
+    rf = get("resume_from")
+    need(rf is None or (isinstance(rf, str) and rf.strip() != ""), "resume_from", rf, "must be null, 'auto' or a path")
+    need(get("logger") in ("none", "tensorboard"), "logger", get("logger"), "must be none or tensorboard")
+
+    # ------------------------------------------------------------------ model
+    image_size, channels, init_dim = get("model.image_size"), get("model.channels"), get("model.init_dim")
+    image_ok = _int_ge(image_size, 8) and (image_size & (image_size - 1)) == 0
+    need(image_ok, "model.image_size", image_size, "must be a power of two >= 8")
+
+    levels = _plain_list(get("model.fsq_levels"))
+    levels_ok = levels is not None and len(levels) > 0 and all(_int_ge(v, 3) for v in levels)
+    need(
+        levels_ok,
+        "model.fsq_levels",
+        levels if levels is not None else get("model.fsq_levels"),
+        "each FSQ level must be an integer >= 3 (a level of 2 is not supported by FSQ here)",
+    )
+    if levels_ok:
+        size = math.prod(levels)
+        need(
+            size <= MAX_CODEBOOK_SIZE,
+            "model.fsq_levels",
+            levels,
+            f"the codebook (the product of the levels, {size}) must hold at most 2**24 codes: FSQ builds it in memory",
+        )
+
+    layers = _plain_list(get("model.layers"))
+    layers_ok = layers is not None
+    if layers is None:
+        need(False, "model.layers", get("model.layers"), "must be a list of layers (names or [name, int])")
+    else:
+        for i, item in enumerate(layers):
+            problem = _layer_problem(item)
+            layers_ok = layers_ok and problem is None
+            need(problem is None, f"model.layers[{i}]", item, problem or "")
+    if layers_ok:
+        names = [item if isinstance(item, str) else item[0] for item in layers]
+        n_space = names.count("compress_space")
+        need(
+            not image_ok or 2**n_space <= image_size,
+            "model.layers",
+            layers,
+            f"{n_space} compress_space layers halve model.image_size={image_size!r} below one pixel",
+        )
+    max_dim = get("model.max_dim")
+    max_dim_ok = max_dim is None or (_not_nan(max_dim) and max_dim > 0)
+    need(max_dim_ok, "model.max_dim", max_dim, "must be null (no cap) or a number > 0")
+    if layers_ok and max_dim_ok and max_dim is not None and _int_ge(init_dim, 1):
+        # The model passes max_dim as a float: a layer it caps gets a float width and torch fails.
+        dim, capped = init_dim, []
+        for item in layers:
+            name, args = (item, []) if isinstance(item, str) else (item[0], list(item[1:]))
+            if LAYER_TYPES[name] == "dim":
+                dim = args[0] if args else dim * 2
+                if dim > max_dim:
+                    capped.append(dim)
+        need(
+            not capped,
+            "model.max_dim",
+            max_dim,
+            f"must be >= every compress layer's width (here {max(capped, default=0)}); "
+            "a capped layer gets a non-integer width and the model fails to build",
+        )
+
+    pw = get("model.perceptual_loss_weight")
+    if _finite(pw) and pw > 0:
+        need(
+            bool(get("model.vgg_weights_path")),
+            "model.vgg_weights_path",
+            get("model.vgg_weights_path"),
+            "model.perceptual_loss_weight > 0 needs a local VGG16 weights file (nothing is downloaded)",
+        )
+        need(
+            channels in (1, 3, 4),
+            "model.perceptual_loss_weight",
+            pw,
+            f"the perceptual loss needs model.channels in (1, 3, 4) (it is {channels!r}); otherwise it is silently off",
+        )
+    discr_max = get("model.discr.max_dim")
+    if _is_int(discr_max) and _is_int(channels):
+        need(
+            discr_max >= channels,
+            "model.discr.max_dim",
+            discr_max,
+            f"must be >= model.channels ({channels}): the discriminator caps its input width too",
+        )
+
+    # ------------------------------------------------------------------ data
+    name = get("data.name")
+    need(name in ("synthetic", "folder"), "data.name", name, "must be 'synthetic' or 'folder'")
+    path = get("data.path")
+    need(
+        name != "folder" or (isinstance(path, str) and path.strip() != ""),
+        "data.path",
+        path,
+        "data=folder needs data.path=DIR",
+    )
+    d_image, d_channels = get("data.image_size"), get("data.channels")
+    need(d_image == image_size, "data.image_size", d_image, f"must equal model.image_size ({image_size!r})")
+    need(d_channels == channels, "data.channels", d_channels, f"must equal model.channels ({channels!r})")
+    need(name != "folder" or d_channels in (1, 3), "data.channels", d_channels, "real videos give 1 or 3 channels")
+
+    frames, vcff = get("data.num_frames"), get("model.video_contains_first_frame")
+    if layers_ok and _int_ge(frames, 1) and isinstance(vcff, bool):
+        try:
+            tdf = time_downsample_factor(get("model"))
+            usable = frames - int(vcff)
+            need(
+                usable > 0 and usable % tdf == 0,
+                "data.num_frames",
+                frames,
+                f"num_frames - int(model.video_contains_first_frame) must be a positive multiple of {tdf} "
+                f"(2 ** number of compress_time layers); for 16 frames set model.video_contains_first_frame=false",
+            )
+        except (TypeError, ValueError) as exc:
+            need(False, "model.layers", get("model.layers"), str(exc))
+
+    batch = get("data.batch_size")
+    if name == "synthetic" and _int_ge(batch, 1):
+        # Both loaders drop an incomplete last batch: fewer clips than a batch means no batch at all.
+        for key in ("data.train_size", "data.val_size"):
+            v = get(key)
+            need(not _is_int(v) or v >= batch, key, v, f"must be >= data.batch_size ({batch})")
+
+    exts = _plain_list(get("data.extensions"))
+    need(
+        exts is not None and len(exts) > 0 and all(isinstance(e, str) and len(e) > 1 and e[0] == "." for e in exts),
+        "data.extensions",
+        exts if exts is not None else get("data.extensions"),
+        "must be a non-empty list of file extensions, each starting with '.' (e.g. .mp4)",
+    )
+    need(
+        get("data.cache") in ("none", "memory", "disk"), "data.cache", get("data.cache"), "must be none, memory or disk"
+    )
+
+    # ------------------------------------------------------------------ optimizer
+    betas = _plain_list(get("optimizer.betas"))
+    need(
+        betas is not None and len(betas) == 2 and all(_finite(b) and 0 <= b < 1 for b in betas),
+        "optimizer.betas",
+        betas if betas is not None else get("optimizer.betas"),
+        "must be two numbers, each in [0, 1) (Adam's moment decay rates)",
+    )
+    mgn = get("optimizer.max_grad_norm")
+    need(_not_nan(mgn) and mgn > 0, "optimizer.max_grad_norm", mgn, "must be a number > 0 (inf: no clipping)")
+    warmup, schedule = get("optimizer.warmup_steps"), get("optimizer.schedule_steps")
+    need(
+        _is_int(schedule) and (not _is_int(warmup) or schedule > warmup),
+        "optimizer.schedule_steps",
+        schedule,
+        f"must be an integer > optimizer.warmup_steps ({warmup!r})",
+    )
+
+    # ------------------------------------------------------------------ trainer
+    device = get("trainer.device")
+    need(
+        isinstance(device, str) and re.fullmatch(r"cpu|cuda(:\d+)?", device) is not None,
+        "trainer.device",
+        device,
+        "must be 'cpu', 'cuda' or 'cuda:N'",
+    )
+
+    # ------------------------------------------------------------------ chaos
+    for kind in ("step_kill", "save_kill", "sigterm", "corrupt"):
+        key = f"chaos.{kind}_steps"
+        steps = _plain_list(get(key))
+        need(
+            steps is not None and all(_int_ge(s, 1) for s in steps),
+            key,
+            steps if steps is not None else get(key),
+            "must be a list of steps, each an integer >= 1",
+        )
+    skip = get("chaos.skip_restore")
+    need(skip in ("", "rng", "data"), "chaos.skip_restore", skip, "must be '', 'rng' or 'data'")
+    hold = get("chaos.hold_phase")
+    hold_phase, at, hold_step = (hold if isinstance(hold, str) else "?").partition("@")
+    need(
+        (hold_phase == "" and not at) or (hold_phase in save_phases and (not at or hold_step.isdigit())),
+        "chaos.hold_phase",
+        hold,
+        f"must be '' or one of {list(save_phases)}, optionally followed by @STEP",
+    )
