@@ -2,12 +2,14 @@
 
 Files in a run directory ``RUN``:
 
-- ``RUN/heartbeat.json`` -- rewritten atomically by :class:`Heartbeat` every few seconds, so a reader
+- ``RUN/heartbeat.json`` -- rewritten atomically by :class:`Heartbeat` every few seconds (and once at the
+  start, so a damaged one is replaced as soon as a run starts), so a reader
   (``python -m resilient_train.status RUN``) can tell a live run from a dead one.
-- ``RUN/history.jsonl`` -- one JSON object per line, appended by :class:`HistoryWriter`. A process killed
-  mid-write can leave a truncated last line; :func:`read_history` skips it silently (and warns about a bad
-  line anywhere else). A writer reopening such a file first terminates the partial line, so new records
-  never get glued onto it.
+- ``RUN/history.jsonl`` -- one JSON object with a non-negative int ``step`` per line, appended by
+  :class:`HistoryWriter`. A process killed mid-write can leave a truncated last line; :func:`read_history`
+  skips it silently (and warns about a bad line anywhere else). A writer reopening such a file first
+  terminates the partial line, so new records never get glued onto it. When a resume cuts the history back
+  (:func:`truncate_history`), bad lines are moved to ``RUN/history.rejected.jsonl``.
 - ``RUN/loss.png`` -- :func:`plot_loss`.
 
 Nothing here imports torch, matplotlib or PIL at module import time: the status command stays fast.
@@ -21,19 +23,23 @@ import logging
 import math
 import os
 import socket
+import stat
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from .fsio import atomic_write
+from .checkpoint.layout import set_aside
+from .fsio import atomic_write, fsync_dir
 
 __all__ = [
     "HEARTBEAT_FILE",
     "HISTORY_FILE",
+    "REJECTED_HISTORY_FILE",
     "HEARTBEAT_STATUSES",
     "Heartbeat",
     "HistoryWriter",
+    "write_side_file",
     "read_history",
     "truncate_history",
     "finite_float",
@@ -47,6 +53,8 @@ log = logging.getLogger(__name__)
 
 HEARTBEAT_FILE = "heartbeat.json"
 HISTORY_FILE = "history.jsonl"
+#: Next to a history file: the lines :func:`truncate_history` moved out of it (raw bytes, one per line).
+REJECTED_HISTORY_FILE = "history.rejected.jsonl"
 HEARTBEAT_STATUSES = ("running", "finished", "stopped", "failed")
 
 #: Pixels between neighbouring frames, horizontally and vertically, in :func:`save_sample_grid`.
@@ -122,7 +130,16 @@ class Heartbeat:
             "latest_checkpoint": self._state["latest_checkpoint"],
             "last_loss": last_loss,
         }
-        atomic_write(self.path, json.dumps(record) + "\n")
+        write_side_file(self.path, json.dumps(record) + "\n")
+
+
+def write_side_file(path: str | os.PathLike, data: bytes | str) -> None:
+    """Atomically replace a run's side file (a heartbeat) whatever is there: damaged content is simply replaced,
+    and a folder under the name (which a file cannot replace) is first set aside, with a warning."""
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        set_aside(path, "damaged")
+    atomic_write(path, data)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -136,6 +153,8 @@ class HistoryWriter:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / HISTORY_FILE
+        if self.path.is_dir() and not self.path.is_symlink():  # a file cannot be appended there: keep it, aside
+            set_aside(self.path, "unreadable")
         self._file = open(self.path, "a", buffering=1, encoding="utf-8")
         # A previous process killed mid-write may have left a partial line: end it, so that our first record
         # starts on a line of its own (the partial line is then skipped, with a warning, by read_history).
@@ -169,54 +188,177 @@ def _history_path(run_dir: str | os.PathLike) -> Path:
     return p if p.is_file() else p / HISTORY_FILE
 
 
-def read_history(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    """All records of ``RUN/history.jsonl`` in file order (``[]`` if the file does not exist).
+def _step_ok(x: Any) -> bool:
+    """A history record's step: a non-negative int (a bool is not one)."""
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
-    An unparsable last line (a write cut short by a kill) is skipped quietly; an unparsable line elsewhere is
-    skipped with a warning. ``run_dir`` may also be the path of the jsonl file itself.
+
+def _short(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _parse_line(line: bytes) -> tuple[dict[str, Any] | None, str | None, bool]:
+    """``(record, None, _)`` for a good history line, else ``(None, why, cut)``.
+
+    A good line is a UTF-8 JSON object whose ``step`` is a non-negative int. ``cut`` is true when the line is
+    not JSON at all, as a write cut short leaves it (a prefix of an object is never valid JSON).
+    """
+    try:
+        rec = json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        return None, f"not UTF-8: {e.reason} at byte {e.start}", True
+    except RecursionError:
+        return None, "not JSON: nested too deep", True
+    except ValueError as e:
+        return None, f"not JSON: {_short(str(e))}", True
+    if not isinstance(rec, dict):
+        return None, f"a JSON {type(rec).__name__}, not an object", False
+    if not _step_ok(rec.get("step")):
+        return None, f"step {_short(repr(rec.get('step')))} is not a non-negative integer", False
+    return rec, None, False
+
+
+def _history_lines(raw: bytes) -> Iterator[tuple[int, bytes, bool]]:
+    """``(line number, line, at_eof_without_newline)`` for each non-blank line of a history file."""
+    parts = raw.split(b"\n")
+    last = len(parts) - 1  # parts[last] is b"" when the file ends with a newline
+    for i, line in enumerate(parts):
+        if line.strip():
+            yield i + 1, line, i == last
+
+
+def _read_history_bytes(path: Path) -> bytes | None:
+    """The file's bytes; ``None`` when absent, or (with a warning) not a regular file or unreadable."""
+    try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            log.warning("history.unreadable path=%s error=not a regular file", path)
+            return None
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        log.warning("history.unreadable path=%s error=%s", path, e)
+        return None
+
+
+def read_history(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """All good records of ``RUN/history.jsonl`` in file order (``[]`` if the file does not exist).
+
+    A good record is a JSON object whose ``step`` is a non-negative int; any other line is skipped. A last line
+    without a newline that is not JSON (a write cut short by a kill) is skipped quietly; any other bad line with a
+    warning. Never raises on the file's content (an unreadable file or a folder under the name reads as ``[]``,
+    with a warning). ``run_dir`` may also be the path of the jsonl file itself.
     """
     path = _history_path(run_dir)
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
+    raw = _read_history_bytes(path)
+    if raw is None:
         return []
-    lines = [(i + 1, line) for i, line in enumerate(raw.split(b"\n")) if line.strip()]
     records: list[dict[str, Any]] = []
-    for idx, (lineno, line) in enumerate(lines):
-        try:
-            rec = json.loads(line.decode("utf-8"))
-            if not isinstance(rec, dict):
-                raise ValueError(f"expected a JSON object, got {type(rec).__name__}")
-        except (ValueError, UnicodeDecodeError) as e:
-            if idx == len(lines) - 1:
-                log.debug("%s:%d: skipping truncated last line (%s)", path, lineno, e)
-            else:
-                log.warning("%s:%d: skipping unparsable line (%s)", path, lineno, e)
-            continue
-        records.append(rec)
+    for lineno, line, at_eof in _history_lines(raw):
+        rec, why, cut = _parse_line(line)
+        if rec is not None:
+            records.append(rec)
+        elif at_eof and cut:
+            log.debug("%s:%d: skipping truncated last line (%s)", path, lineno, why)
+        else:
+            log.warning("%s:%d: skipping bad line (%s)", path, lineno, why)
     return records
+
+
+def _append_rejected(side: Path, lines: list[bytes]) -> None:
+    """Append ``lines`` (raw bytes, one per line) to ``side`` and fsync it; raises ``OSError``."""
+    if side.is_symlink() or (side.exists() and not side.is_file()):
+        raise OSError(f"{side} is not a regular file")
+    with open(side, "ab") as f:
+        sep = b""
+        if f.tell() > 0:  # an append cut short must not glue our first line onto its last
+            with open(side, "rb") as g:
+                g.seek(-1, os.SEEK_END)
+                sep = b"" if g.read(1) == b"\n" else b"\n"
+        f.write(sep + b"".join(line + b"\n" for line in lines))
+        f.flush()
+        os.fsync(f.fileno())
+    fsync_dir(side.parent)
 
 
 def truncate_history(run_dir: str | os.PathLike, step: int) -> int:
     """Drop history records after ``step`` (they belong to a timeline that a resume discards); return how many.
 
-    The file is rewritten atomically, also when only a partial last line (a write cut short) must go.
+    Never raises on the file's content, so that a resume never fails on it:
+
+    - a bad line (not UTF-8, not JSON, not a JSON object, or a ``step`` that is not a non-negative int) is
+      moved: appended, as its raw bytes, to ``history.rejected.jsonl`` next to the file (fsync'd before the
+      history is rewritten, so a crash can duplicate a line there but never lose one), with one warning
+      ``history.rejected path=... lines=N first=LINENO moved_to=...``. If that side file cannot be written the
+      bad lines stay where they are (and :func:`read_history` keeps skipping them);
+    - a last line without a newline that is not JSON is a record cut short by a kill: it is dropped quietly
+      (debug log), not moved. It can only be a record of a step after the checkpoint being resumed (a step's
+      records are written before its checkpoint), so truncation would drop it anyway;
+    - something under the name that cannot be read as a file (a folder, a FIFO, no permission) is set aside
+      as ``history.jsonl.unreadable-TIME-PID`` (warned), so that the resumed run writes a fresh file.
+
+    The file is rewritten atomically (the kept lines byte for byte, each ending in a newline) when anything is
+    dropped or moved, or when it does not end with a newline; otherwise it is left as it is.
     """
     path = _history_path(run_dir)
-    if not path.exists():
+    raw = _read_history_bytes(path)
+    if raw is None:
+        if os.path.lexists(path):
+            try:
+                set_aside(path, "unreadable")
+            except OSError as e:
+                log.warning("history.unreadable path=%s error=cannot set it aside: %s", path, e)
         return 0
-    records = read_history(path)
-    kept = [r for r in records if int(r.get("step", 0)) <= step]
-    if len(kept) != len(records) or path.read_bytes()[-1:] not in (b"\n", b""):
-        atomic_write(path, "".join(json.dumps(r) + "\n" for r in kept))
-    return len(records) - len(kept)
+    out: list[tuple[bytes, bool]] = []  # (line, bad) in file order, the lines to keep and the bad ones
+    bad: list[tuple[int, bytes]] = []
+    dropped, cut = 0, False
+    for lineno, line, at_eof in _history_lines(raw):
+        rec, why, is_cut = _parse_line(line)
+        if rec is None:
+            if at_eof and is_cut:
+                log.debug("%s:%d: dropping truncated last line (%s)", path, lineno, why)
+                cut = True
+            else:
+                log.debug("%s:%d: bad line (%s)", path, lineno, why)
+                bad.append((lineno, line))
+                out.append((line, True))
+        elif rec["step"] > step:
+            dropped += 1
+        else:
+            out.append((line, False))
+    if not (dropped or bad or cut or raw[-1:] not in (b"\n", b"")):
+        return 0
+    keep_bad = False
+    if bad:
+        side = path.with_name(REJECTED_HISTORY_FILE)
+        try:
+            _append_rejected(side, [line for _, line in bad])
+        except OSError as e:
+            keep_bad = True
+            log.warning(
+                "history.rejected_kept path=%s lines=%d first=%d error=cannot write %s: %s",
+                path,
+                len(bad),
+                bad[0][0],
+                side,
+                e,
+            )
+        else:
+            log.warning("history.rejected path=%s lines=%d first=%d moved_to=%s", path, len(bad), bad[0][0], side)
+    atomic_write(path, b"".join(line + b"\n" for line, is_bad in out if keep_bad or not is_bad))
+    return dropped
 
 
 def finite_float(x: Any) -> float | None:
     """``x`` as a float when it is a finite int or float (not a bool), else ``None``: a JSON field read back."""
     if isinstance(x, bool) or not isinstance(x, (int, float)):
         return None
-    x = float(x)
+    try:
+        x = float(x)
+    except OverflowError:  # an int beyond the float range (JSON allows any number of digits)
+        return None
     return x if math.isfinite(x) else None
 
 
@@ -224,16 +366,29 @@ def finite_float(x: Any) -> float | None:
 # loss plot
 
 
+#: Values (losses, metrics) beyond this magnitude, and steps beyond 2**53, are left out of the plot: a float axis
+#: cannot span them (matplotlib overflows), and such a value only says that the run diverged.
+PLOT_VALUE_LIMIT = 1e100
+_PLOT_STEP_LIMIT = 2**53
+
+
 def _series(records: Iterable[dict[str, Any]], kind: str, key: str) -> tuple[list[int], list[float]]:
-    """(steps, values) sorted by step; a step logged twice (re-done after a resume) keeps its latest value."""
+    """(steps, values) sorted by step; a step logged twice (re-done after a resume) keeps its latest value.
+
+    Only records with a non-negative int step (below 2**53) and a finite value of magnitude at most
+    :data:`PLOT_VALUE_LIMIT` count; anything else in a record is ignored, whatever its type.
+    """
     by_step: dict[int, float] = {}
     for rec in records:
+        if not isinstance(rec, dict):
+            continue
         rec_kind = rec.get("kind", "train" if "loss" in rec else None)
-        if rec_kind != kind or not isinstance(rec.get("step"), int):
+        step = rec.get("step")
+        if not isinstance(rec_kind, str) or rec_kind != kind or not _step_ok(step) or step >= _PLOT_STEP_LIMIT:
             continue
         value = finite_float(rec.get(key))
-        if value is not None:
-            by_step[rec["step"]] = value
+        if value is not None and abs(value) <= PLOT_VALUE_LIMIT:
+            by_step[step] = value
     steps = sorted(by_step)
     return steps, [by_step[s] for s in steps]
 
@@ -248,11 +403,8 @@ def plot_loss(
 
     ``marks`` are ``(step, label)`` pairs drawn as dashed vertical lines, one legend entry per distinct label.
     The y axis is logarithmic when every plotted value is positive. Raises ``ValueError`` when the history has no
-    records (or no finite loss to plot).
+    records (or no finite loss to plot), and for nothing else that the history holds.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     run_dir = Path(run_dir)
     hist_path = _history_path(run_dir)
     records = read_history(run_dir)
@@ -265,6 +417,25 @@ def plot_loss(
 
     out = Path(out_path) if out_path is not None else run_dir / "loss.png"
     out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        png = _draw_loss(records, hist_path, train_steps, train_loss, val_steps, val_loss, marks)
+    except (ArithmeticError, ValueError) as exc:  # a last guard: no history content may crash the caller
+        raise ValueError(f"cannot plot {hist_path}: {type(exc).__name__}: {exc}") from None
+    atomic_write(out, png, durable=False)
+    return out
+
+
+def _draw_loss(
+    records: list[dict[str, Any]],
+    hist_path: Path,
+    train_steps: list[int],
+    train_loss: list[float],
+    val_steps: list[int],
+    val_loss: list[float],
+    marks: Sequence[tuple[int, str]] | None,
+) -> bytes:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     psnr_steps, psnr_vals = _series(records, "eval", "psnr")
     usage_steps, usage_vals = _series(records, "eval", "codebook_usage")
@@ -309,8 +480,7 @@ def plot_loss(
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
-    atomic_write(out, buf.getvalue(), durable=False)
-    return out
+    return buf.getvalue()
 
 
 # --------------------------------------------------------------------------------------------------------------------

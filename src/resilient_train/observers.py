@@ -27,8 +27,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .fsio import atomic_write
-from .monitor import Heartbeat, HistoryWriter
+from .monitor import Heartbeat, HistoryWriter, write_side_file
 
 if TYPE_CHECKING:
     from .trainer import Trainer
@@ -100,7 +99,18 @@ class HeartbeatObserver(Observer):
         self.heartbeat: Heartbeat | None = None
 
     def on_start(self, trainer: Trainer) -> None:
+        """Write the first heartbeat now (``running``, at the resumed step and epoch), not after the first step:
+        whatever ``heartbeat.json`` held (a previous run's final beat, damage) is replaced once a start is
+        accepted, and ``status`` sees this process during a slow first step."""
         self.heartbeat = Heartbeat(trainer.run_dir, interval_secs=self.interval_secs, max_steps=self.max_steps)
+        latest = trainer.ckpt.last_saved.name if trainer.ckpt.last_saved else None
+        self.heartbeat.beat(
+            step=trainer.counters.step,
+            epoch=trainer.position.epoch,
+            latest_checkpoint=latest,
+            last_loss=None,
+            force=True,
+        )
 
     def on_saved(self, trainer: Trainer, record: dict[str, Any]) -> None:
         latest = trainer.ckpt.last_saved.name if trainer.ckpt.last_saved else None
@@ -131,7 +141,7 @@ class RankHeartbeatObserver(Observer):
         }
         path = rank_dir(trainer.run_dir, self.rank) / "heartbeat.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, json.dumps(record) + "\n")
+        write_side_file(path, json.dumps(record) + "\n")
         self._last = time.monotonic()
 
     def on_start(self, trainer: Trainer) -> None:

@@ -8,6 +8,11 @@ Reads ``RUN/heartbeat.json`` and ``RUN/history.jsonl`` (see :mod:`resilient_trai
 - ``stale``: it says running but the pid is gone or the heartbeat is too old (``reason`` says which).
 
 Exit status: 0 for running/finished, 1 for stale/stopped/failed, 2 when RUN_DIR or its heartbeat is missing.
+
+Every side file is read defensively: a heartbeat over 1 MiB (checked before reading), not a regular file, or
+not a JSON object is reported as a :class:`StatusError` (exit 2); a field of the wrong type reads as unknown
+(``null``); bad history lines and a damaged ``best.json`` are skipped. No content makes the command fail with
+a traceback.
 """
 
 from __future__ import annotations
@@ -21,12 +26,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from resilient_train.checkpoint.layout import CHECKPOINTS_DIR, committed, read_best
+from resilient_train.checkpoint.layout import CHECKPOINTS_DIR, committed, read_best, read_small_json
 from resilient_train.monitor import HEARTBEAT_FILE, HISTORY_FILE, finite_float, read_history
 
 __all__ = ["StatusError", "run_status", "format_status", "pid_alive", "main"]
 
 _OK_STATES = ("running", "finished")
+#: A heartbeat (ours are about 250 bytes) larger than this is refused without being read.
+MAX_HEARTBEAT_BYTES = 1 << 20
 
 
 class StatusError(Exception):
@@ -35,7 +42,7 @@ class StatusError(Exception):
 
 def pid_alive(pid: int) -> bool:
     """Whether process ``pid`` exists on this host (a zombie counts as gone; no permission counts as alive)."""
-    if pid <= 0:  # 0 and negatives address process groups, never a single process
+    if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:  # 0 and negatives address process groups
         return False
     try:
         os.kill(pid, 0)
@@ -43,7 +50,7 @@ def pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    except OSError:
+    except (OSError, OverflowError):  # OverflowError: a pid beyond the C type
         return False
     try:  # Linux: an exited but unreaped child still answers kill(pid, 0)
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -74,10 +81,10 @@ def run_status(run_dir: str | os.PathLike, stale_after: float = 120.0) -> dict[s
         raise StatusError(f"run directory {str(run)!r} does not exist")
     hb_path = run / HEARTBEAT_FILE
     try:
-        hb = json.loads(hb_path.read_text(encoding="utf-8"))
+        hb = read_small_json(hb_path, MAX_HEARTBEAT_BYTES)
     except FileNotFoundError:
         raise StatusError(f"no heartbeat at {hb_path} (is {str(run)!r} a run directory?)") from None
-    except (OSError, ValueError) as e:
+    except ValueError as e:
         raise StatusError(f"cannot read heartbeat {hb_path}: {e}") from None
     if not isinstance(hb, dict):
         raise StatusError(f"heartbeat {hb_path} is not a JSON object")
@@ -85,12 +92,12 @@ def run_status(run_dir: str | os.PathLike, stale_after: float = 120.0) -> dict[s
     now = time.time()
     hb_time = finite_float(hb.get("time"))
     age = None if hb_time is None else round(now - hb_time, 1)
-    pid = hb.get("pid") if isinstance(hb.get("pid"), int) else None
-    host = hb.get("host")
+    pid = _count(hb.get("pid"), low=1)
+    host = _text(hb.get("host"))
     same_host = host is None or host == socket.gethostname()
     alive: bool | None = pid_alive(pid) if (pid is not None and same_host) else None
 
-    hb_status = hb.get("status")
+    hb_status = _text(hb.get("status"))
     reasons: list[str] = []
     if hb_status in ("finished", "stopped", "failed"):
         state = hb_status
@@ -108,10 +115,11 @@ def run_status(run_dir: str | os.PathLike, stale_after: float = 120.0) -> dict[s
             reasons.append(f"pid not checked: heartbeat written on host {host!r}")
     else:
         state = "stale"
-        reasons.append(f"unknown heartbeat status {hb_status!r}")
+        raw_status = repr(hb.get("status"))
+        reasons.append(f"unknown heartbeat status {raw_status if len(raw_status) <= 60 else raw_status[:57] + '...'}")
 
     last_train = last_eval = None
-    for rec in read_history(run / HISTORY_FILE):
+    for rec in read_history(run / HISTORY_FILE):  # only records with a non-negative int step
         kind = rec.get("kind", "train" if "loss" in rec else None)
         if kind == "train":
             last_train = rec
@@ -129,9 +137,9 @@ def run_status(run_dir: str | os.PathLike, stale_after: float = 120.0) -> dict[s
         "pid": pid,
         "host": host,
         "pid_alive": alive,
-        "step": hb.get("step"),
-        "max_steps": hb.get("max_steps"),
-        "epoch": hb.get("epoch"),
+        "step": _count(hb.get("step")),
+        "max_steps": _count(hb.get("max_steps")),
+        "epoch": _count(hb.get("epoch")),
         "last_train_loss": finite_float(last_train.get("loss")) if last_train else finite_float(hb.get("last_loss")),
         "last_train_step": last_train.get("step") if last_train else None,
         "last_val_loss": finite_float(last_eval.get("val_loss")) if last_eval else None,
@@ -139,7 +147,7 @@ def run_status(run_dir: str | os.PathLike, stale_after: float = 120.0) -> dict[s
         "last_eval_metrics": {k: finite_float(last_eval.get(k)) for k in EVAL_METRICS if k in last_eval}
         if last_eval
         else {},
-        "latest_checkpoint": hb.get("latest_checkpoint") or _latest_step_dir(run),
+        "latest_checkpoint": _text(hb.get("latest_checkpoint")) or _latest_step_dir(run),
         "best_checkpoint": best,
         "heartbeat_time": hb_time,
         "heartbeat_age_secs": age,
@@ -164,21 +172,45 @@ def _fmt_metrics(m: dict[str, Any]) -> str:
     return ", ".join(parts) or "-"
 
 
+def _count(x: Any, low: int = 0) -> int | None:
+    """``x`` when it is an int (not a bool) of at least ``low``, else ``None``: a heartbeat's counter read back."""
+    return x if isinstance(x, int) and not isinstance(x, bool) and x >= low else None
+
+
+def _text(x: Any) -> str | None:
+    return x if isinstance(x, str) else None
+
+
 def _ranks(run: Path, host: Any) -> list[dict[str, Any]]:
-    """Under torchrun: every rank's own heartbeat (``ranks/<r>/heartbeat.json``), with its pid checked."""
+    """Under torchrun: every rank's own heartbeat (``ranks/<r>/heartbeat.json``), with its pid checked.
+
+    A rank whose heartbeat is missing, unreadable, over 1 MiB or not a JSON object is left out; a field of the
+    wrong type reads as ``None``."""
     out = []
     root = run / "ranks"
-    dirs = [p for p in root.iterdir() if p.name.isdigit()] if root.is_dir() else []
+    try:
+        dirs = [p for p in root.iterdir() if p.name.isascii() and p.name.isdigit()] if root.is_dir() else []
+    except OSError:
+        return []
     for d in sorted(dirs, key=lambda p: int(p.name)):
         try:
-            beat = json.loads((d / "heartbeat.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+            beat = read_small_json(d / "heartbeat.json", MAX_HEARTBEAT_BYTES)
+        except (FileNotFoundError, ValueError):
             continue
         if not isinstance(beat, dict):
             continue
-        pid = beat.get("pid")
-        alive = pid_alive(pid) if isinstance(pid, int) and host in (None, socket.gethostname()) else None
-        out.append({k: beat.get(k) for k in ("rank", "pid", "step", "restart", "status")} | {"pid_alive": alive})
+        pid = _count(beat.get("pid"), low=1)
+        alive = pid_alive(pid) if pid is not None and host in (None, socket.gethostname()) else None
+        out.append(
+            {
+                "rank": _count(beat.get("rank")),
+                "pid": pid,
+                "step": _count(beat.get("step")),
+                "restart": _count(beat.get("restart")),
+                "status": _text(beat.get("status")),
+                "pid_alive": alive,
+            }
+        )
     return out
 
 
