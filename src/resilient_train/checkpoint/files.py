@@ -28,12 +28,15 @@ import torch
 from . import hashing, tree
 from .manifest import (
     MANIFEST,
+    MAX_JSON_BYTES,
     RANKS_DIR,
     STATE_JSON,
     STATE_TENSORS,
     CheckpointError,
+    NewerFormatError,
     load_json,
     rank_of,
+    read_json_file,
     read_manifest,
 )
 from .safetensors_io import Payload, load_safetensors, read_tensors, safetensors_payload, write_pieces
@@ -198,8 +201,13 @@ class _ParseError(CheckpointError):
 
 
 def _read_checked(path: Path, entry: dict[str, Any]) -> bytes:
-    data = path.read_bytes()
-    _check_size(path, len(data), entry)
+    """The whole file, its size checked against the manifest before it is read (JSON: and capped)."""
+    if path.name.endswith(".json"):
+        data = read_json_file(path, MAX_JSON_BYTES, entry["size"])
+    else:
+        _check_size(path, path.stat().st_size, entry)
+        data = path.read_bytes()
+        _check_size(path, len(data), entry)
     digest = hashing.new(hashing.parse_entry(entry)[0])
     digest.update(data)
     _check_hash(path, digest, entry)
@@ -264,6 +272,8 @@ def _read(ckpt: Path, manifest: dict[str, Any], rank: int | None = None) -> Load
             results[name] = _load_file(ckpt, name, files[name])
         except CheckpointError as exc:
             results[name] = exc
+        except OSError as exc:  # unreadable (permissions, an I/O error): as damaged, naming the file
+            results[name] = CheckpointError(f"{ckpt / name}: cannot be read: {exc}")
 
     with ThreadPoolExecutor(min(len(files), IO_THREADS), thread_name_prefix="ckpt-read") as pool:
         for f in [pool.submit(load, n) for n in sorted(files, key=lambda n: -files[n]["size"])]:
@@ -306,6 +316,7 @@ class VerifyReport:
     errors: list[str] = field(default_factory=list)
     bytes: int = 0
     loaded: Loaded | None = field(default=None, repr=False)  # the checkpoint as read, when ok
+    newer: bool = False  # written in a newer format version: not damage, never set aside
 
 
 def verify_files(ckpt: Path) -> VerifyReport:
@@ -321,6 +332,11 @@ def verify_files(ckpt: Path) -> VerifyReport:
         report.loaded = _read(ckpt, manifest)
         report.bytes = report.loaded.nbytes
         report.ok = True
+    except NewerFormatError as exc:
+        report.errors.append(str(exc))
+        report.newer = True
     except (CheckpointError, FileNotFoundError) as exc:
         report.errors.append(str(exc))
+    except OSError as exc:  # a folder or file that cannot be read at all (permissions, I/O error)
+        report.errors.append(f"{ckpt}: cannot be read: {exc}")
     return report

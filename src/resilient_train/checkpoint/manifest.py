@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from . import hashing
-from .layout import MANIFEST
+from .layout import MANIFEST, MAX_MANIFEST_BYTES
 
 __all__ = [
     "FORMAT_VERSION",
@@ -37,6 +37,9 @@ __all__ = [
     "STATE_JSON",
     "STATE_TENSORS",
     "CheckpointError",
+    "NewerFormatError",
+    "MAX_JSON_BYTES",
+    "MAX_MANIFEST_BYTES",
     "refuse_pickle",
     "load_json",
     "read_manifest",
@@ -49,11 +52,23 @@ READABLE_VERSIONS = (1, 2)
 RANKS_DIR = "ranks"
 STATE_JSON = "state.json"
 STATE_TENSORS = "state.safetensors"
+#: The largest JSON file of a checkpoint read at all (its size is checked before a byte is read):
+#: ``state.json`` holds the optimizer's hyperparameters and the data fingerprint (about 100 bytes
+#: a video file), so even a million-file folder stays well below this.
+MAX_JSON_BYTES = 256 << 20
 _PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05", b"PK\x03\x04")
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete, corrupt or unsafe; the message names the file."""
+
+
+class NewerFormatError(CheckpointError):
+    """The checkpoint was written by a newer format version than this program reads.
+
+    Not damage: a reader must stop and say so, never set the checkpoint aside as corrupt and fall
+    back to an older one (which would silently throw away the newer program's progress).
+    """
 
 
 def refuse_pickle(data: bytes, path: Path) -> None:
@@ -69,9 +84,25 @@ def load_json(data: bytes, path: Path) -> Any:
     """Parse the JSON file ``path`` whose bytes are ``data``; :class:`CheckpointError` when it is not JSON."""
     try:
         return json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:  # (nesting too deep to parse)
+    # ValueError: also an integer of more digits than Python converts; RecursionError: nesting too deep.
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         refuse_pickle(data, path)
         raise CheckpointError(f"{path}: malformed JSON ({exc})") from None
+
+
+def read_json_file(path: Path, limit: int, expected: int | None = None) -> bytes:
+    """The bytes of ``path``, its size checked before reading: against ``expected`` (the manifest's
+    entry) when given, and against ``limit`` always, so a huge or sparse file is refused unread."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if expected is not None and size != expected:
+            raise CheckpointError(f"{path}: size {size} bytes, manifest says {expected} (truncated or altered)")
+        if size > limit:
+            raise CheckpointError(f"{path}: {size} bytes, more than the {limit >> 20} MiB a checkpoint's JSON may be")
+        data = f.read(limit + 1)
+    if len(data) != size:
+        raise CheckpointError(f"{path}: changed while being read ({size} bytes, then {len(data)})")
+    return data
 
 
 def rank_of(name: str) -> int | None:
@@ -101,17 +132,28 @@ def read_manifest(ckpt: Path) -> dict[str, Any]:
     path = ckpt / MANIFEST
     if not path.is_file():
         raise CheckpointError(f"{path}: missing; the checkpoint is incomplete and cannot be trusted")
-    manifest = load_json(path.read_bytes(), path)
+    manifest = load_json(read_json_file(path, MAX_MANIFEST_BYTES), path)
     if not isinstance(manifest, dict):
         raise CheckpointError(f"{path}: malformed (expected a JSON object)")
     for key in ("format_version", "step", "files"):
         if key not in manifest:
             raise CheckpointError(f"{path}: malformed, lacks {key!r}")
-    if manifest["format_version"] not in READABLE_VERSIONS:
-        raise CheckpointError(
-            f"{path}: format_version {manifest['format_version']!r} is not supported "
-            f"(this code reads {list(READABLE_VERSIONS)})"
+    version = manifest["format_version"]
+    if type(version) is int and version > FORMAT_VERSION:
+        versions = manifest.get("versions")
+        writer = versions.get("resilient_train") if isinstance(versions, dict) else None
+        raise NewerFormatError(
+            f"{path}: written in checkpoint format version {version}"
+            + (f" (by resilient-train {writer})" if isinstance(writer, str) else "")
+            + f", newer than this program reads ({', '.join(map(str, READABLE_VERSIONS))}; resilient-train "
+            f"{_own_version()}); upgrade resilient-train to resume it. It was left where it is."
         )
+    if type(version) is not int or version not in READABLE_VERSIONS:
+        raise CheckpointError(
+            f"{path}: malformed format_version {version!r} (this code reads {list(READABLE_VERSIONS)})"
+        )
+    if type(manifest["step"]) is not int or manifest["step"] < 0:
+        raise CheckpointError(f"{path}: malformed step {manifest['step']!r} (expected an integer >= 0)")
     files = manifest["files"]
     if not isinstance(files, dict) or STATE_JSON not in files or STATE_TENSORS not in files:
         raise CheckpointError(f"{path}: malformed, 'files' must list {STATE_JSON} and {STATE_TENSORS}")
@@ -141,6 +183,12 @@ def read_manifest(ckpt: Path) -> dict[str, Any]:
         if ranks - set(range(world)):
             raise CheckpointError(f"{path}: lists files of ranks {sorted(ranks - set(range(world)))} >= world_size")
     return manifest
+
+
+def _own_version() -> str:
+    from .. import __version__
+
+    return __version__
 
 
 def manifest_bytes(step: int, entries: dict[str, dict[str, Any]], metadata: dict[str, Any]) -> bytes:
