@@ -1,20 +1,29 @@
 """The one resume path: from ``resume_from`` to a plan that holds the checkpoint, read once.
 
-From the command line to the first batch (``python train.py resume_from=X [overrides]``):
+From the command line to the first batch (``python train.py resume_from=X [overrides]``). A start
+is a transaction: steps 1-4 may refuse it (exit 2) and change nothing in the run directory; only
+step 5 does, once every rank has accepted.
 
-1. ``cli.prepare_argv``: ``resume_from=PATH`` makes Hydra write into PATH's run directory.
-2. Hydra composes the config; ``cli.start`` takes the run lock and removes crash leftovers.
-3. :func:`plan_resume` picks the checkpoint (``auto``: the newest valid one of this run, newer
-   invalid ones set aside; a path: that checkpoint, or the newest valid one of that run), reads and
-   hashes it **once** (:func:`~resilient_train.checkpoint.load_checkpoint`), and compares the
-   command line with the config saved in it: a change that would alter the result is refused
-   unless ``resume.allow_config_change=true``. The plan holds the config to run with, the loaded
-   checkpoint and the accepted changes.
+1. ``cli.prepare_argv``: :func:`resume_target` says what ``resume_from=PATH`` is (a checkpoint, a
+   run directory, or, refused with a sentence, a file, a temporary or set-aside folder, another
+   program's folder), and makes Hydra write into PATH's run directory.
+2. Hydra composes the config (it writes no file: ``.hydra/`` and ``train.log`` wait for step 5);
+   ``cli.start`` takes the run lock.
+3. :func:`plan_resume` picks the checkpoint (``auto``: the newest valid one of this run; a path:
+   that checkpoint, or the newest valid one of that run), reads and hashes it **once**, and
+   validates its content exactly as ``verify`` does (:mod:`.checks`). With ``auto`` a failing
+   checkpoint is passed over (and set aside in step 5); a path to one exits 2 naming the file and
+   the field; a checkpoint of a newer format version stops the start. Then the command line is
+   compared with the config saved in it: a change that would alter the result is refused unless
+   ``resume.allow_config_change=true``. The plan holds the config to run with, the loaded
+   checkpoint, the accepted changes and the checkpoints to set aside.
 4. The trainer is built from ``plan.cfg`` and restores ``plan.loaded``: environment, every
    ``Stateful`` part strictly, the RNG structure checked (applied later), counters against the
-   manifest. Anything refused so far exits 2, before any step.
-5. :func:`take_over_timeline`: later checkpoints of this run are set aside and ``history.jsonl``
-   is cut back to the checkpoint's step; then ``train.start``.
+   manifest.
+5. Accepted: ``train.log`` opens; ``cli`` removes crash leftovers; :func:`take_over_timeline` sets
+   aside the failing checkpoints and this run's later ones, and cuts ``history.jsonl`` back to the
+   checkpoint's step (bad lines go to ``history.rejected.jsonl``); ``best.json`` is repaired;
+   ``config.yaml`` and ``.hydra/`` are written; then ``train.start``.
 6. ``Trainer.next_batch`` rebuilds the loader at the saved position and applies the saved RNG
    state right before the first batch.
 """
@@ -23,6 +32,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,17 +40,19 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from .checkpoint import (
+    MANIFEST,
     CheckpointError,
     CheckpointManager,
     Loaded,
     committed,
-    is_checkpoint_dir,
     load_checkpoint,
     move_aside,
     parse_step,
     verify_files,
 )
-from .checkpoint.layout import CHECKPOINTS_DIR
+from .checkpoint.layout import CHECKPOINTS_DIR, TMP_PREFIX, TRASH_PREFIX
+from .checkpoint.manifest import NewerFormatError
+from .checks import check_checkpoint
 from .config import TrainConfig, flatten, is_resume_safe, to_plain
 from .monitor import truncate_history
 from .observers import rank_dir
@@ -52,12 +64,16 @@ __all__ = [
     "plan_resume",
     "plan_chosen",
     "take_over_timeline",
+    "resume_target",
     "config_diff",
     "check_added_keys",
     "CONFIG_GROUPS",
 ]
 
 log = logging.getLogger(__name__)
+
+#: ``step_N.<reason>-<time>-<pid>``: a checkpoint folder set aside by ``move_aside``.
+_SET_ASIDE = re.compile(r"^(step_\d{8})\.([a-z]+)-")
 
 CONFIG_GROUPS = {"experiment", "model", "data", "optimizer", "trainer", "checkpoint", "chaos"}
 
@@ -77,6 +93,7 @@ class ResumePlan:
     cfg: DictConfig
     loaded: Loaded | None = None
     changes: list[str] = field(default_factory=list)
+    set_aside: list[Path] = field(default_factory=list)  # this run's checkpoints that failed validation
 
 
 def check_added_keys(overrides: list[str]) -> None:
@@ -99,26 +116,102 @@ def _group_override(ov: str) -> bool:
     return "." not in key and "/" not in key and key.split("@")[0] in CONFIG_GROUPS
 
 
-def _choose(rf: str, run_dir: Path) -> Loaded | None:
-    """The checkpoint ``resume_from`` names, loaded; ``None`` for ``auto`` in a run with none yet."""
-    own = CheckpointManager(run_dir / CHECKPOINTS_DIR)
+def resume_target(rf: str) -> tuple[Path, Path | None]:
+    """``(run directory, checkpoint or None)`` that ``resume_from=rf`` names, or a :class:`StartupError`
+    saying what ``rf`` is instead and what to pass.
+
+    Accepted: a committed checkpoint folder (``RUN/checkpoints/step_N``), a run directory, or its
+    ``checkpoints`` folder. Refused, each with its own sentence: a file, an uncommitted temporary
+    folder, a folder set aside as corrupt or superseded, and anything that is not this program's.
+    """
+    path = Path(rf).expanduser().resolve()
+    where = f"resume_from={rf}"
+    if not path.exists():
+        raise StartupError(f"{where}: no such checkpoint or run directory: {path}")
+    if not path.is_dir():
+        holder = path.parent
+        if (holder / MANIFEST).is_file():
+            raise StartupError(
+                f"{where} is a file inside the checkpoint {holder}; pass the folder: resume_from={holder}"
+            )
+        raise StartupError(
+            f"{where} is a file, not a checkpoint: pass a checkpoint folder (RUN/checkpoints/step_N) or a run directory"
+        )
+    name = path.name
+    if name.startswith(TMP_PREFIX) or name.startswith(TRASH_PREFIX):
+        run = path.parent.parent
+        raise StartupError(
+            f"{where} is an uncommitted temporary folder left by an interrupted save or delete: no reader trusts it. "
+            f"Pass the run directory (resume_from={run}) to resume from its newest committed checkpoint"
+        )
+    aside = _SET_ASIDE.match(name)
+    if aside:
+        step_name, reason = aside.group(1), aside.group(2)
+        run = path.parent.parent
+        if reason == "corrupt":
+            raise StartupError(
+                f"{where} was set aside as corrupt by an earlier start (train.log says why; "
+                f"`python -m resilient_train.verify {path}` shows it). Pass the run directory (resume_from={run}) "
+                "to resume from the newest valid checkpoint"
+            )
+        raise StartupError(
+            f"{where} was set aside ({reason}) when a resume from an earlier step forked this run, so that "
+            f"resume_from=auto cannot pick it. To go back to that timeline, copy it into a new run "
+            f"(mkdir -p NEW/checkpoints && cp -r {path} NEW/checkpoints/{step_name}) and pass resume_from=NEW"
+        )
+    if parse_step(name) is not None and path.parent.name == CHECKPOINTS_DIR:
+        return path.parent.parent, path
+    if (path / MANIFEST).is_file():  # a committed checkpoint copied somewhere else
+        return path, path
+    if name == CHECKPOINTS_DIR and committed(path):
+        return path.parent, None
+    if (path / CHECKPOINTS_DIR).is_dir():
+        return path, None
+    foreign = sorted(p.name for p in path.iterdir() if p.suffix in (".pt", ".pth", ".ckpt", ".bin"))[:3]
+    raise StartupError(
+        f"{where} is neither a checkpoint (no {MANIFEST}) nor a run directory (no {CHECKPOINTS_DIR}/ folder)"
+        + (f"; it holds {', '.join(foreign)}, which resilient-train never reads (pickles)" if foreign else "")
+        + ": pass RUN or RUN/checkpoints/step_N of a resilient-train run"
+    )
+
+
+def _checked(path: Path) -> tuple[Loaded | None, list[str]]:
+    """A checkpoint read once and validated exactly as ``verify`` does: ``(loaded, [])`` or ``(None, problems)``.
+
+    A checkpoint of a newer format raises :class:`NewerFormatError`: it is not damage.
+    """
+    report = verify_files(path)
+    if report.newer:
+        raise NewerFormatError(report.errors[0])
+    if not report.ok:
+        return None, report.errors
+    problems = check_checkpoint(report.loaded)
+    return (None, problems) if problems else (report.loaded, [])
+
+
+def _newest_valid(root: Path) -> tuple[Loaded | None, list[Path]]:
+    """The newest checkpoint under ``root`` that passes, and the newer ones that failed (logged)."""
+    return CheckpointManager(root).newest_valid(check_checkpoint)
+
+
+def _choose(rf: str, run_dir: Path) -> tuple[Loaded | None, list[Path]]:
+    """The checkpoint ``resume_from`` names, loaded (``None`` for ``auto`` in a run with none yet), and
+    the checkpoints of this run to set aside once the start is accepted."""
     if rf == "auto":
-        loaded = own.latest_valid(move_aside_invalid=True)
+        loaded, failed = _newest_valid(run_dir / CHECKPOINTS_DIR)
         if loaded is None:
             log.info("resume.none run_dir=%s: no valid checkpoint yet, starting fresh", run_dir)
-        return loaded
-    path = Path(rf).expanduser().resolve()
-    if not path.exists():
-        raise StartupError(f"resume_from={rf}: no such checkpoint or run directory: {path}")
-    if is_checkpoint_dir(path):
-        report = verify_files(path)
-        if not report.ok:
-            raise CheckpointError(f"resume_from={rf} is not a valid checkpoint: {'; '.join(report.errors)}")
-        return report.loaded
-    loaded = CheckpointManager(path / CHECKPOINTS_DIR).latest_valid(move_aside_invalid=path == run_dir.resolve())
+        return loaded, failed
+    run, ckpt = resume_target(rf)
+    if ckpt is not None:
+        loaded, problems = _checked(ckpt)
+        if loaded is None:
+            raise CheckpointError(f"resume_from={rf} cannot be resumed: " + "; ".join(problems))
+        return loaded, []
+    loaded, failed = _newest_valid(run / CHECKPOINTS_DIR)
     if loaded is None:
-        raise StartupError(f"resume_from={rf}: no valid checkpoint under {path / CHECKPOINTS_DIR}")
-    return loaded
+        raise StartupError(f"resume_from={rf}: no valid checkpoint under {run / CHECKPOINTS_DIR}")
+    return loaded, failed if run.resolve() == run_dir.resolve() else []
 
 
 def plan_resume(cfg: DictConfig, overrides: list[str], run_dir: Path) -> ResumePlan:
@@ -136,7 +229,10 @@ def plan_resume(cfg: DictConfig, overrides: list[str], run_dir: Path) -> ResumeP
                 "continue that run, or choose another hydra.run.dir"
             )
         return ResumePlan(cfg)
-    return _plan(cfg, overrides, _choose(rf, run_dir))
+    loaded, failed = _choose(rf, run_dir)
+    plan = _plan(cfg, overrides, loaded)
+    plan.set_aside = failed
+    return plan
 
 
 def plan_chosen(cfg: DictConfig, overrides: list[str], path: str | None, rank: int) -> ResumePlan:
@@ -177,13 +273,16 @@ def _plan(cfg: DictConfig, overrides: list[str], loaded: Loaded | None) -> Resum
     return ResumePlan(merged, loaded, refused)
 
 
-def take_over_timeline(run_dir: Path, loaded: Loaded | None) -> None:
+def take_over_timeline(run_dir: Path, loaded: Loaded | None, invalid: list[Path] = ()) -> None:
     """Make this run directory's future start at the resumed step (called once the start is accepted).
 
-    Resuming from an older point (of this run or another) forks the timeline: later checkpoints
-    here are set aside so that a later ``resume_from=auto`` cannot pick them up, and history
-    records after the step are dropped.
+    Checkpoints that failed validation are set aside as corrupt. Resuming from an older point (of
+    this run or another) forks the timeline: later checkpoints here are set aside so that a later
+    ``resume_from=auto`` cannot pick them up, and history records after the step are dropped.
     """
+    for path in invalid:
+        if path.is_dir():
+            move_aside(path, "corrupt")
     found = committed(run_dir / CHECKPOINTS_DIR)
     if loaded is None:
         if not found:
@@ -200,7 +299,11 @@ def take_over_timeline(run_dir: Path, loaded: Loaded | None) -> None:
 def _truncate_histories(run_dir: Path, step: int) -> int:
     """Cut ``history.jsonl`` and every rank's ``ranks/<r>/history.jsonl`` back to ``step``."""
     ranks = run_dir / "ranks"
-    others = [rank_dir(run_dir, int(p.name)) for p in ranks.iterdir() if p.name.isdigit()] if ranks.is_dir() else []
+    others = (
+        [rank_dir(run_dir, int(p.name)) for p in ranks.iterdir() if p.name.isascii() and p.name.isdigit()]
+        if ranks.is_dir()
+        else []
+    )
     return sum(truncate_history(d, step) for d in [run_dir, *others])
 
 

@@ -195,7 +195,6 @@ class Trainer:
         if loaded.step != self.counters.step:
             raise CheckpointError(f"{loaded.path}: manifest step {loaded.step} != trainer step {self.counters.step}")
         log.info("ckpt.load step=%d path=%s secs=%.3f", self.counters.step, loaded.path, time.perf_counter() - t0)
-        self.ckpt.reconcile_best(self.counters.best_step, self.counters.best_val_loss)
         log.info(
             "resume step=%d epoch=%d batch_in_epoch=%d path=%s",
             self.counters.step,
@@ -471,7 +470,10 @@ class Trainer:
             for s, h in old.items():
                 signal.signal(s, h)
             for obs in observers:
-                obs.on_end(self, status)
+                try:
+                    obs.on_end(self, status)
+                except Exception as exc:  # e.g. a full disk: never hide the error that ended the run
+                    log.warning("observer.on_end_failed %s: %s: %s", type(obs).__name__, type(exc).__name__, exc)
         if status == "stopped":
             log.warning("train.stopped step=%d signal=%s exit=%d", c.step, self.stop_signal, EXIT_PREEMPTED)
             return EXIT_PREEMPTED

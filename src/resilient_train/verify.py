@@ -1,10 +1,13 @@
 """``python -m resilient_train.verify PATH [--json] [--compare OTHER] [--no-model]``
 
 PATH is a checkpoint directory or a run directory (then every committed checkpoint in it). For
-each checkpoint: manifest, presence, sizes and hashes of every file; safe loading (safetensors
-and JSON only); counters that agree (manifest step = trainer step = optimizer step count); the
-model rebuilt from the saved config, weights loaded strictly, and a fixed input encoded to finite
-codes. Exit 0 when everything is valid, 1 otherwise (or, with ``--compare``, when the two
+each checkpoint, exactly what a resume checks before it trusts one: manifest, presence, sizes
+(before reading) and hashes of every file; safe loading (safetensors and JSON only); then the
+content (:mod:`resilient_train.checks`): the saved config valid, counters that agree (manifest
+step = trainer step = optimizer step count = scheduler step), every tensor shaped as the model the
+config builds, RNG states restorable, one data position. Then the model rebuilt from the saved
+config, weights loaded strictly, and a fixed input encoded to finite codes (``--no-model`` skips
+this). Exit 0 when everything is valid, 1 otherwise (or, with ``--compare``, when the two
 checkpoints differ), 2 for a bad command line.
 
 ``--compare OTHER`` compares two checkpoints tensor by tensor, bit for bit, and prints the first
@@ -25,8 +28,8 @@ import torch
 
 from .checkpoint import CheckpointError, load_checkpoint, verify_files
 from .checkpoint.layout import checkpoints_under
-from .config import flatten, is_resume_safe
-from .trainer import REQUIRED_PARTS
+from .checks import check_checkpoint, saved_config
+from .config import flatten, is_resume_safe, to_plain
 
 __all__ = ["verify_checkpoint", "compare_checkpoints", "compare_states", "checkpoints_under", "main"]
 
@@ -34,12 +37,12 @@ __all__ = ["verify_checkpoint", "compare_checkpoints", "compare_states", "checkp
 IGNORED_STATE_KEYS = {"config_changes"}
 
 
-def _opt_steps(opt_state: dict[str, Any]) -> set[int]:
-    return {int(float(s["step"])) for s in opt_state.get("state", {}).values() if "step" in s}
-
-
 def verify_checkpoint(ckpt: Path, *, check_model: bool = True) -> dict[str, Any]:
-    """Every check on one checkpoint; returns a result dict with ``ok`` and ``errors``."""
+    """Every check on one checkpoint; returns a result dict with ``ok`` and ``errors``.
+
+    The files (:func:`verify_files`) and their content (:func:`~resilient_train.checks.check_checkpoint`)
+    are checked exactly as a resume checks them; ``check_model`` adds encoding a fixed input.
+    """
     ckpt = Path(ckpt)
     result: dict[str, Any] = {
         "path": str(ckpt),
@@ -53,51 +56,28 @@ def verify_checkpoint(ckpt: Path, *, check_model: bool = True) -> dict[str, Any]
     report = verify_files(ckpt)  # the one read of the checkpoint
     result["bytes"] = report.bytes
     result["step"] = report.step
+    if report.newer:
+        result["newer_format"] = True
     if not report.ok:
         result["errors"] = report.errors
         return result
     result["checks"].append("files: manifest, sizes, hashes, safe load")
     state, manifest = report.loaded.state, report.loaded.manifest
+    epoch = manifest.get("epoch")
+    result["epoch"] = epoch if isinstance(epoch, int) else None
     errors = result["errors"]
-    step = manifest["step"]
-    result["epoch"] = manifest.get("epoch")
-    trainer_step = state.get("trainer", {}).get("step")
-    if trainer_step != step:
-        errors.append(f"{ckpt / 'state.json'}: trainer step {trainer_step} != manifest step {step}")
-    cfg = state.get("config")
-    gen_steps = _opt_steps(state.get("optim_gen", {}))
-    if gen_steps and gen_steps != {step}:
-        errors.append(f"{ckpt / 'state.safetensors'}: generator optimizer step counts {sorted(gen_steps)} != {step}")
-    if cfg and cfg.get("model", {}).get("use_gan"):
-        d_steps = _opt_steps(state.get("optim_discr", {}))
-        if d_steps and d_steps != {step}:
-            errors.append(
-                f"{ckpt / 'state.safetensors'}: discriminator optimizer step counts {sorted(d_steps)} != {step}"
-            )
-    for key in ("sched_gen", "sched_discr"):
-        last = state.get(key, {}).get("last_epoch")
-        if last is not None and last != step:
-            errors.append(f"{ckpt / 'state.json'}: {key}.last_epoch {last} != {step}")
-    for key in (*REQUIRED_PARTS, "config", "env"):
-        if key not in state:
-            errors.append(f"{ckpt}: state lacks {key!r}")
-    if cfg and cfg.get("trainer", {}).get("ema", {}).get("enabled") and "ema" not in state:
-        errors.append(f"{ckpt}: EMA is enabled in the config but ema.safetensors is absent")
-    ranks = state.get("ranks")
-    world = manifest.get("world_size", 1)
-    if isinstance(ranks, dict):
-        if set(ranks) != {str(r) for r in range(world)}:
-            errors.append(f"{ckpt}: per-rank state of ranks {sorted(ranks, key=str)}, but world_size {world}")
-        positions = {json.dumps(r.get("data"), sort_keys=True) for r in ranks.values() if isinstance(r, dict)}
-        if len(positions) > 1:
-            errors.append(f"{ckpt / 'ranks'}: the ranks disagree on the data position: {sorted(positions)}")
+    errors += check_checkpoint(report.loaded)
     if not errors:
-        result["checks"].append("counters: manifest = trainer = optimizer = scheduler step")
+        result["checks"].append(
+            "content: config, counters = manifest = optimizer = scheduler step, tensors match the model, RNG, position"
+        )
+        world = manifest.get("world_size", 1)
         if world > 1:
             result["checks"].append(f"ranks: {world} ranks' files, one data position")
+    cfg = state.get("config")
     if check_model and not errors and cfg:
         try:
-            result["codes"] = _encode_fixed_input(cfg, state)
+            result["codes"] = _encode_fixed_input(to_plain(saved_config(cfg)), state)  # as a resume builds it
             result["checks"].append("model: rebuilt from saved config, strict load, finite codes")
         except Exception as exc:  # report any failure of the model check, naming the file
             errors.append(f"{ckpt / 'model.safetensors'}: model check failed: {type(exc).__name__}: {exc}")

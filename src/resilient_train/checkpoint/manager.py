@@ -40,12 +40,17 @@ from ..fsio import TMP_PREFIX, atomic_write, fsync_dir, write_durable
 from . import hashing, tree
 from .atomic import commit_dir, move_aside, remove_dir_safely
 from .files import FileWriter, Loaded, iter_files, rank_files, verify_files
-from .layout import BEST_POINTER, SAVE_PHASES, TRASH_PREFIX, committed, read_best, step_dir_name
-from .manifest import MANIFEST, RANKS_DIR, CheckpointError, manifest_bytes
+from .layout import BEST_POINTER, SAVE_PHASES, TRASH_PREFIX, committed, read_best, rebuild_best, step_dir_name
+from .manifest import MANIFEST, RANKS_DIR, CheckpointError, NewerFormatError, manifest_bytes
 
-__all__ = ["CheckpointManager", "SAVE_PHASES", "SaveHook"]
+__all__ = ["CheckpointManager", "SAVE_PHASES", "SaveHook", "SaveError"]
 
 log = logging.getLogger(__name__)
+
+
+class SaveError(CheckpointError):
+    """A save failed on the file system (disk full, read-only, quota); the message says what is intact."""
+
 
 #: ``hook(phase, step, where)``: called at each save phase, maybe on the background save thread.
 SaveHook = Callable[[str, int, Path], None]
@@ -113,16 +118,35 @@ class CheckpointManager:
                 removed.append(p)
         return removed
 
-    def latest_valid(self, *, move_aside_invalid: bool = True) -> Loaded | None:
-        """The newest checkpoint that passes verification, loaded (read once); newer failing ones are set aside."""
+    def newest_valid(self, check: Callable[[Loaded], list[str]] | None = None) -> tuple[Loaded | None, list[Path]]:
+        """The newest checkpoint that passes :func:`verify_files` (and ``check``, which lists a loaded
+        checkpoint's problems), read once; and the newer ones that failed (logged, left in place).
+
+        A checkpoint of a newer format version raises :class:`NewerFormatError`: it is not damage,
+        and falling back past it would silently discard the newer program's progress.
+        """
+        failed = []
         for path in reversed(self.committed()):
             report = verify_files(path)
-            if report.ok:
-                return report.loaded
-            log.error("ckpt.invalid path=%s reason=%s", path, "; ".join(report.errors))
-            if move_aside_invalid:
+            if report.newer:
+                raise NewerFormatError(report.errors[0])
+            problems = report.errors if not report.ok else (check(report.loaded) if check else [])
+            if not problems:
+                return report.loaded, failed
+            more = f"; and {len(problems) - 3} more" if len(problems) > 3 else ""
+            log.error("ckpt.invalid path=%s reason=%s", path, "; ".join(problems[:3]) + more)
+            failed.append(path)
+        return None, failed
+
+    def latest_valid(
+        self, *, move_aside_invalid: bool = True, check: Callable[[Loaded], list[str]] | None = None
+    ) -> Loaded | None:
+        """:meth:`newest_valid`, setting the newer failing checkpoints aside (as ``corrupt``) when asked."""
+        loaded, failed = self.newest_valid(check)
+        if move_aside_invalid:
+            for path in failed:
                 move_aside(path, "corrupt")
-        return None
+        return loaded
 
     def best(self) -> dict[str, Any] | None:
         return read_best(self.root)
@@ -134,6 +158,14 @@ class CheckpointManager:
             raise CheckpointError(f"{target}: cannot mark as best, no committed checkpoint there")
         atomic_write(self.root / BEST_POINTER, json.dumps({"step": step, "path": target.name, name: metric}).encode())
         log.info("ckpt.best step=%d path=%s %s=%.6g", step, target, name, metric)
+
+    def repair_best(self, best_step: int | None, metric: float) -> None:
+        """At a start, once accepted: point ``best.json`` at the resumed counters' best (a crash between a
+        best checkpoint's commit and the pointer update leaves it stale), and rebuild a damaged one from
+        the manifests; retention keeps what the pointer names, so a damaged one must not survive."""
+        rebuild_best(self.root, expected=self.save_on_best)  # first: it also moves a folder named best.json aside
+        if best_step is not None:
+            self.reconcile_best(best_step, metric)
 
     def reconcile_best(self, best_step: int, metric: float, name: str = "val_loss") -> None:
         """After a resume: a crash between a best checkpoint's commit and the pointer update left it stale."""
@@ -196,6 +228,8 @@ class CheckpointManager:
             self._thread = None
         if self._error is not None:
             err, self._error = self._error, None
+            if isinstance(err, SaveError):
+                raise err
             raise CheckpointError(f"background checkpoint save failed: {err}") from err
 
     def _write_in_thread(self, *args: Any) -> None:
@@ -208,7 +242,29 @@ class CheckpointManager:
         for hook in self.hooks:
             hook(phase, step, where)
 
-    def _write(
+    def _write(self, step: int, *args: Any) -> None:
+        """Write and commit checkpoint ``step``; a file-system failure (disk full, read-only, quota)
+        removes this save's temporary folder and raises :class:`SaveError`: the committed checkpoints
+        are untouched, since nothing is renamed before every file is written."""
+        try:
+            self._write_commit(step, *args)
+        except OSError as exc:
+            self._discard_temporaries(step)
+            newest = self.committed()
+            kept = f"the newest committed checkpoint, {newest[-1]}, is intact" if newest else "no checkpoint was lost"
+            raise SaveError(
+                f"checkpoint step {step} not saved: {exc.strerror or exc}"
+                + (f" ({exc.filename})" if exc.filename else "")
+                + f"; {kept}. Free space or make {self.root} writable, then run again with resume_from=auto"
+            ) from exc
+
+    def _discard_temporaries(self, step: int) -> None:
+        if not self.group.is_main or not self.root.is_dir():
+            return
+        for p in self.root.glob(f"{TMP_PREFIX}{step_dir_name(step)}-{os.getpid()}-*"):
+            shutil.rmtree(p, ignore_errors=True)
+
+    def _write_commit(
         self,
         step: int,
         state: dict[str, Any],
