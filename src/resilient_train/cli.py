@@ -33,12 +33,20 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from .checkpoint import CheckpointError, CheckpointManager
-from .checkpoint.layout import CHECKPOINTS_DIR, run_dir_of
+from .checkpoint import CheckpointError
+from .checkpoint.manager import SaveError
 from .config import CONFIG_DIR, register_configs, validate_config
 from .dist import Group, from_env, rank_from_env, world_size_from_env
 from .fsio import atomic_write
-from .resume import ResumePlan, StartupError, check_added_keys, plan_chosen, plan_resume, take_over_timeline
+from .resume import (
+    ResumePlan,
+    StartupError,
+    check_added_keys,
+    plan_chosen,
+    plan_resume,
+    resume_target,
+    take_over_timeline,
+)
 
 if TYPE_CHECKING:
     from .trainer import Trainer
@@ -68,16 +76,28 @@ class RunLock:
         self.fd: int | None = None
 
     def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise StartupError(
+                f"cannot create the run lock {self.path}: {exc}; choose a writable hydra.run.dir"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip()[:20] or "unknown"
             os.close(fd)
             raise StartupError(
                 f"run directory {self.path.parent} is in use by another training process (pid {holder}); "
                 "wait for it to exit or choose another hydra.run.dir"
+            ) from None
+        except OSError as exc:  # a filesystem without locks (some NFS mounts): one writer cannot be ensured
+            os.close(fd)
+            raise StartupError(
+                f"cannot lock {self.path}: {exc}. This filesystem does not support flock, so two trainers could "
+                "write the same run; put hydra.run.dir on a filesystem with locking (local disk, or NFS with "
+                "lock support)"
             ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
@@ -97,21 +117,32 @@ def _argv_value(argv: list[str], key: str) -> str | None:
     return None
 
 
+#: Where ``.hydra/`` goes once the start is accepted (``None``: not written); set by :func:`prepare_argv`.
+_hydra_subdir: str | None = ".hydra"
+
+
 def prepare_argv(argv: list[str]) -> list[str]:
-    """Before Hydra runs: make ``resume_from=PATH`` write into PATH's run directory.
+    """Before Hydra runs: check ``resume_from=PATH`` and make it write into PATH's run directory.
 
     Unless the user chose ``hydra.run.dir``, the resumed run continues in the original run
     directory; Hydra's ``.hydra`` snapshot is not rewritten there (the config that applies is the
-    checkpoint's, recorded in every manifest).
+    checkpoint's, recorded in every manifest). ``hydra.output_subdir`` is taken off the command
+    line: Hydra would write it before the run lock is held, so :func:`start` writes it instead.
     """
+    global _hydra_subdir
+    subdir = _argv_value(argv, "hydra.output_subdir")
+    argv = [a for a in argv if a.lstrip("+").partition("=")[0] != "hydra.output_subdir"]
+    _hydra_subdir = ".hydra" if subdir is None else (None if subdir in ("null", "None", "") else subdir)
     rf = _argv_value(argv, "resume_from")
     if rf is not None and rf not in ("auto", "null", "None", ""):
-        path = Path(rf).expanduser()
-        if not path.exists():
-            print(f"error: resume_from={rf}: no such checkpoint or run directory: {path.resolve()}", file=sys.stderr)
-            raise SystemExit(EXIT_CONFIG_ERROR)
+        try:
+            run, _ = resume_target(rf)
+        except StartupError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            raise SystemExit(EXIT_CONFIG_ERROR) from None
         if _argv_value(argv, "hydra.run.dir") is None:
-            argv = [*argv, f"hydra.run.dir={run_dir_of(path)}", "hydra.output_subdir=null"]
+            argv = [*argv, f"hydra.run.dir={run}"]
+            _hydra_subdir = None
     if world_size_from_env() > 1:
         argv = _rank_argv(argv)
     return argv
@@ -122,19 +153,33 @@ def _rank_argv(argv: list[str]) -> list[str]:
     if _argv_value(argv, "hydra.run.dir") is None:
         run_id = "".join(c for c in os.environ.get("TORCHELASTIC_RUN_ID", "none") if c.isalnum() or c in "-_")
         argv = [*argv, f"hydra.run.dir=outputs/${{experiment}}/torchrun_{run_id}"]
+    global _hydra_subdir
     rank = rank_from_env()
     if rank > 0:
-        if _argv_value(argv, "hydra.output_subdir") is None:
-            argv = [*argv, "hydra.output_subdir=null"]
+        _hydra_subdir = None
         argv = [*argv, f"hydra.job.name=train_rank{rank}"]
     return argv
 
 
-def start(cfg: DictConfig, run_dir: Path, overrides: list[str], lock: RunLock, group: Group | None = None) -> Trainer:
+def start(
+    cfg: DictConfig,
+    run_dir: Path,
+    overrides: list[str],
+    lock: RunLock,
+    group: Group | None = None,
+    log_file: PendingLog | None = None,
+) -> Trainer:
     """Everything that can refuse a start, then the trainer ready at its first step (see :mod:`.resume`).
 
-    With ranks: rank 0 takes the lock, removes leftovers and chooses the checkpoint, and tells the
-    others; every rank then builds its trainer and restores; if any rank refuses, all do.
+    A transaction: the run lock, the resume target, config drift, the environment and the strict
+    restore of the chosen checkpoint all run before anything in the run directory changes; a
+    refusal leaves it as it was (the lock file aside). Once accepted: the log file opens, crash
+    leftovers are removed, checkpoints that failed validation and later ones of a forked timeline
+    are set aside, history is cut back, the best pointer is repaired, ``config.yaml`` and
+    ``.hydra/`` are written.
+
+    With ranks: rank 0 takes the lock and chooses the checkpoint, and tells the others; every rank
+    then builds its trainer and restores; if any rank refuses, all do.
     """
     from .trainer import Trainer
 
@@ -144,7 +189,6 @@ def start(cfg: DictConfig, run_dir: Path, overrides: list[str], lock: RunLock, g
     if g.is_main:
         try:
             lock.acquire()
-            CheckpointManager(run_dir / CHECKPOINTS_DIR).cleanup_temporaries()
             plan = plan_resume(cfg, overrides, run_dir)
         except REFUSALS as exc:
             refused = exc
@@ -167,9 +211,11 @@ def start(cfg: DictConfig, run_dir: Path, overrides: list[str], lock: RunLock, g
         raise refused
     if others:
         raise StartupError("another rank refused the start: " + "; ".join(others))
+    # Accepted on every rank: only now does anything in the run directory change.
+    if log_file is not None:
+        log_file.open(run_dir / log_file.filename)
     if g.is_main:
-        take_over_timeline(run_dir, plan.loaded)
-        atomic_write(run_dir / "config.yaml", OmegaConf.to_yaml(plan.cfg))
+        _take_over(run_dir, plan, trainer, cfg, overrides)
     g.barrier()  # the timeline is taken over before any rank writes its history
     t = trainer.cfg.trainer
     resumed = plan.loaded.path if plan.loaded else None
@@ -188,6 +234,50 @@ def start(cfg: DictConfig, run_dir: Path, overrides: list[str], lock: RunLock, g
         trainer.cfg.data.batch_size * g.world_size * t.grad_accum_steps,
     )
     return trainer
+
+
+def _take_over(run_dir: Path, plan: ResumePlan, trainer: Trainer, cfg: DictConfig, overrides: list[str]) -> None:
+    """Rank 0, once the start is accepted: make the run directory this run's."""
+    trainer.ckpt.cleanup_temporaries()
+    take_over_timeline(run_dir, plan.loaded, plan.set_aside)
+    trainer.ckpt.repair_best(trainer.counters.best_step if plan.loaded else None, trainer.counters.best_val_loss)
+    atomic_write(run_dir / "config.yaml", OmegaConf.to_yaml(plan.cfg))
+    if _hydra_subdir is not None and HydraConfig.initialized():
+        hydra_dir = run_dir / _hydra_subdir
+        hydra_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(hydra_dir / "config.yaml", OmegaConf.to_yaml(cfg))
+        atomic_write(hydra_dir / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(list(overrides))))
+        atomic_write(hydra_dir / "hydra.yaml", OmegaConf.to_yaml({"hydra": HydraConfig.get()}))
+
+
+class PendingLog(logging.Handler):
+    """The log file of a start (``train.log``): records are held in memory until the start is
+    accepted, then written to the file, which stays open; a refused start writes no file."""
+
+    def __init__(self, filename: str) -> None:
+        super().__init__()
+        self.filename = filename
+        self.held: list[logging.LogRecord] | None = []
+        self.file: logging.FileHandler | None = None
+        self.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+
+    def open(self, path: Path) -> None:
+        self.file = logging.FileHandler(path, encoding="utf-8")
+        self.file.setFormatter(self.formatter)
+        for record in self.held or []:
+            self.file.handle(record)
+        self.held = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.file is not None:
+            self.file.handle(record)
+        elif self.held is not None and len(self.held) < 10000:
+            self.held.append(record)
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        super().close()
 
 
 def _build(plan: ResumePlan, run_dir: Path, g: Group, trainer_cls: type[Trainer]) -> Trainer:
@@ -231,32 +321,40 @@ def _check_threads(cfg: DictConfig) -> None:
         )
 
 
-def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> int:
-    """Start (refusals exit 2), then train (failures exit 1); the run lock is held throughout."""
+def run(cfg: DictConfig, run_dir: Path, overrides: list[str], log_name: str = "train") -> int:
+    """Start (refusals exit 2), then train (failures exit 1); the run lock is held throughout.
+
+    ``log_name``: the log file, ``RUN/<log_name>.log``, opened once the start is accepted.
+    """
     lock = RunLock(run_dir)
+    log_file = PendingLog(f"{log_name}.log")
+    logging.getLogger().addHandler(log_file)
     try:
         group = from_env(cfg.trainer.device, cfg.trainer.dist_timeout_secs)
     except (ValueError, RuntimeError) as exc:
         log.error("train.refused %s: %s", type(exc).__name__, exc)
         print(f"error: cannot join the process group: {exc}", file=sys.stderr)
+        logging.getLogger().removeHandler(log_file)
         return EXIT_CONFIG_ERROR
     _check_threads(cfg)
     try:
         try:
-            trainer = start(cfg, run_dir, overrides, lock, group)
+            trainer = start(cfg, run_dir, overrides, lock, group, log_file)
         except REFUSALS as exc:
             log.error("train.refused %s: %s", type(exc).__name__, exc)
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_CONFIG_ERROR
         try:
             return trainer.fit()
-        except Exception as exc:
-            log.error("train.failed %s: %s", type(exc).__name__, exc, exc_info=True)
+        except Exception as exc:  # a failed save says all there is to say; anything else gets its traceback
+            log.error("train.failed %s: %s", type(exc).__name__, exc, exc_info=not isinstance(exc, SaveError))
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_FAILED
     finally:
         lock.release()
         group.close()
+        logging.getLogger().removeHandler(log_file)
+        log_file.close()
 
 
 register_configs()
@@ -267,7 +365,7 @@ def _hydra_main(cfg: DictConfig) -> None:
     global _task_started
     _task_started = True
     hc = HydraConfig.get()
-    raise SystemExit(run(cfg, Path(hc.runtime.output_dir), list(hc.overrides.task)))
+    raise SystemExit(run(cfg, Path(hc.runtime.output_dir), list(hc.overrides.task), hc.job.name))
 
 
 def main() -> None:
