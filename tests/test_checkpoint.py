@@ -310,7 +310,11 @@ def _wait_for(path: Path, proc: subprocess.Popen, log: Path, timeout: float = 24
         time.sleep(0.05)
 
 
-@pytest.mark.parametrize("phase", SAVE_PHASES)
+# The first and last phases in the default suite; the two between them in the slow suite (suite time).
+@pytest.mark.parametrize(
+    "phase",
+    [p if p in (SAVE_PHASES[0], SAVE_PHASES[-1]) else pytest.param(p, marks=pytest.mark.slow) for p in SAVE_PHASES],
+)
 def test_sigkill_during_checkpoint_write_never_exposes_a_partial_checkpoint(trained_run, ten_step_run, tmp_path, phase):
     run = tmp_path / "run"
     shutil.copytree(ten_step_run, run)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 from conftest import REPO
 
@@ -65,6 +66,7 @@ def test_a_run_logs_the_metrics_at_each_evaluation_and_status_shows_them(trained
     assert f"PSNR {evals[-1]['psnr']:.2f} dB" in out and "codebook" in out and "perplexity" in out
 
 
+@pytest.mark.slow  # extra coverage; keeps the default suite under 15 minutes
 def test_tensorboard_log_continues_after_a_resume_without_duplicate_or_stale_steps(tmp_path):
     from conftest import run_train
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -110,6 +110,7 @@ def test_two_ranks_commit_one_checkpoint_listing_every_ranks_files(ref2):
     assert ok(run([sys.executable, "-m", "resilient_train.verify", str(ref2)])).stdout.count(" OK") == 2
 
 
+@pytest.mark.slow  # extra coverage; keeps the default suite under 15 minutes
 def test_world_size_change_is_refused_naming_both_sizes_unless_allowed(ref2, trained_run, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(ref2, run_dir)
@@ -203,6 +204,7 @@ def test_sigkilled_worker_is_restarted_by_torchrun_and_the_run_ends_identical(re
     assert compare_checkpoints(committed(ref2 / "checkpoints")[-1], committed(run_dir / "checkpoints")[-1]) is None
 
 
+@pytest.mark.slow  # extra coverage; keeps the default suite under 15 minutes
 def test_a_stopped_peer_ends_in_an_error_within_the_timeout_not_a_hang(tmp_path):
     run_dir, log = tmp_path / "run", tmp_path / "torchrun.log"
     cmd = torchrun_train(run_dir, "trainer.max_steps=200", "trainer.dist_timeout_secs=8")

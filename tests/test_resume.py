@@ -231,6 +231,7 @@ def test_resume_at_epoch_boundary_after_final_eval(every5_to24, ref30, tmp_path)
 # 3. data loader workers
 
 
+@pytest.mark.slow  # extra coverage; keeps the default suite under 15 minutes
 def test_num_workers_split_matches_continuous_without_workers(ref30, tmp_path):
     # Both legs load with 2 worker processes (start offset, epoch rollover at step 24); the result
     # must equal the continuous run without workers: data.num_workers is resume-safe because it

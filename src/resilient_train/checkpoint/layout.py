@@ -40,7 +40,6 @@ __all__ = [
     "parse_step",
     "committed",
     "is_checkpoint_dir",
-    "run_dir_of",
     "checkpoints_under",
     "read_best",
     "check_best",
@@ -89,12 +88,6 @@ def is_checkpoint_dir(path: str | os.PathLike) -> bool:
     """Whether ``path`` names one checkpoint (rather than a run directory or a ``checkpoints`` folder)."""
     path = Path(path)
     return (path / MANIFEST).exists() or path.name.startswith("step_")
-
-
-def run_dir_of(path: str | os.PathLike) -> Path:
-    """The run directory holding a checkpoint (``RUN/checkpoints/step_N``), or ``path`` itself."""
-    path = Path(path).resolve()
-    return path.parent.parent if is_checkpoint_dir(path) else path
 
 
 def checkpoints_under(path: str | os.PathLike) -> list[Path]:
