@@ -479,3 +479,16 @@ def test_damaged_side_files_are_rebuilt_set_aside_or_rewritten_and_the_resume_go
     assert all(isinstance(s, int) for s in steps) and max(steps) == 22
     beat = json.loads((run / "heartbeat.json").read_text())
     assert (beat["status"], beat["step"]) == ("finished", 22)
+
+
+def test_a_checkpoint_copied_out_of_its_run_needs_a_run_directory(trained_run, tmp_path, capsys):
+    from resilient_train.cli import prepare_argv
+
+    copied = shutil.copytree(ckpt(trained_run, 20), tmp_path / "best_ckpt")
+    with pytest.raises(SystemExit) as info:
+        prepare_argv([f"resume_from={copied}"])
+    assert info.value.code == EXIT_CONFIG_ERROR
+    assert "is a checkpoint outside a run directory" in capsys.readouterr().err
+    argv = [f"resume_from={copied}", f"hydra.run.dir={tmp_path / 'new'}"]
+    assert prepare_argv(argv) == argv
+    assert resume_target(str(copied)) == (None, copied.resolve())

@@ -141,6 +141,13 @@ def prepare_argv(argv: list[str]) -> list[str]:
             print(f"error: {exc}", file=sys.stderr)
             raise SystemExit(EXIT_CONFIG_ERROR) from None
         if _argv_value(argv, "hydra.run.dir") is None:
+            if run is None:
+                print(
+                    f"error: resume_from={rf} is a checkpoint outside a run directory (its folder is not "
+                    "RUN/checkpoints); pass hydra.run.dir=NEW_RUN to say where the resumed run goes",
+                    file=sys.stderr,
+                )
+                raise SystemExit(EXIT_CONFIG_ERROR)
             argv = [*argv, f"hydra.run.dir={run}"]
             _hydra_subdir = None
     if world_size_from_env() > 1:

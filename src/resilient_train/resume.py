@@ -116,9 +116,10 @@ def _group_override(ov: str) -> bool:
     return "." not in key and "/" not in key and key.split("@")[0] in CONFIG_GROUPS
 
 
-def resume_target(rf: str) -> tuple[Path, Path | None]:
+def resume_target(rf: str) -> tuple[Path | None, Path | None]:
     """``(run directory, checkpoint or None)`` that ``resume_from=rf`` names, or a :class:`StartupError`
-    saying what ``rf`` is instead and what to pass.
+    saying what ``rf`` is instead and what to pass. The run directory is ``None`` for a checkpoint
+    copied out of its run (``hydra.run.dir`` must then say where the resumed run goes).
 
     Accepted: a committed checkpoint folder (``RUN/checkpoints/step_N``), a run directory, or its
     ``checkpoints`` folder. Refused, each with its own sentence: a file, an uncommitted temporary
@@ -161,8 +162,8 @@ def resume_target(rf: str) -> tuple[Path, Path | None]:
         )
     if parse_step(name) is not None and path.parent.name == CHECKPOINTS_DIR:
         return path.parent.parent, path
-    if (path / MANIFEST).is_file():  # a committed checkpoint copied somewhere else
-        return path, path
+    if (path / MANIFEST).is_file():  # a committed checkpoint copied out of its run: no run directory to continue
+        return None, path
     if name == CHECKPOINTS_DIR and committed(path):
         return path.parent, None
     if (path / CHECKPOINTS_DIR).is_dir():
