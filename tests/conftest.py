@@ -18,6 +18,25 @@ TRAIN = REPO / "train.py"
 compose_cfg = compose  # the config exactly as ``train.py`` composes it, without running anything
 
 
+def heartbeat_record(**over) -> dict:
+    """A heartbeat.json record of a live run on this host (fields overridden by ``over``)."""
+    import socket
+    import time
+
+    hb = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "step": 40,
+        "epoch": 2,
+        "max_steps": 100,
+        "time": time.time(),
+        "status": "running",
+        "latest_checkpoint": None,
+        "last_loss": 0.5,
+    }
+    return {**hb, **over}
+
+
 def hold(phase: str, step: int | None = None) -> list[str]:
     """Overrides that park the checkpoint writer at ``phase`` (of ``step``'s save) so a test can SIGKILL it there."""
     return ["chaos.enabled=true", f"chaos.hold_phase={phase}" + (f"@{step}" if step is not None else "")]

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import heartbeat_record
 from PIL import Image
 
 from resilient_train.fsio import atomic_write
@@ -47,20 +48,8 @@ def _field(stdout: str, key: str) -> str:
 
 
 def _write_heartbeat(run: Path, **over) -> None:
-    hb = {
-        "pid": os.getpid(),
-        "host": socket.gethostname(),
-        "step": 40,
-        "epoch": 2,
-        "max_steps": 100,
-        "time": time.time(),
-        "status": "running",
-        "latest_checkpoint": None,
-        "last_loss": 0.5,
-    }
-    hb.update(over)
     run.mkdir(parents=True, exist_ok=True)
-    (run / "heartbeat.json").write_text(json.dumps(hb))
+    (run / "heartbeat.json").write_text(json.dumps(heartbeat_record(**over)))
 
 
 def _write_history(run: Path, n: int = 20) -> None:

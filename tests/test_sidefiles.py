@@ -11,12 +11,12 @@ import json
 import logging
 import os
 import signal
-import socket
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from conftest import heartbeat_record
 
 from resilient_train import status as status_mod
 from resilient_train.checkpoint.layout import (
@@ -397,19 +397,7 @@ def test_rebuild_best_removes_a_damaged_pointer_when_no_manifest_has_a_val_loss(
 
 
 def _heartbeat(**over: object) -> dict:
-    hb = {
-        "pid": os.getpid(),
-        "host": socket.gethostname(),
-        "step": 40,
-        "epoch": 2,
-        "max_steps": 100,
-        "time": time.time(),
-        "status": "running",
-        "latest_checkpoint": None,
-        "last_loss": 0.5,
-    }
-    hb.update(over)
-    return hb
+    return heartbeat_record(**over)
 
 
 def _write_hb(path: Path, data: bytes | dict | None) -> None:

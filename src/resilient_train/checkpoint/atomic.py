@@ -7,18 +7,14 @@ a final name is therefore always complete; readers trust only final names and ig
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
-import time
 from pathlib import Path
 
 from ..fsio import fsync_dir
-from .layout import TRASH_PREFIX
+from .layout import TRASH_PREFIX, set_aside
 
 __all__ = ["commit_dir", "move_aside", "remove_dir_safely"]
-
-log = logging.getLogger(__name__)
 
 
 def commit_dir(tmp: Path, final: Path) -> None:
@@ -32,12 +28,8 @@ def commit_dir(tmp: Path, final: Path) -> None:
 
 
 def move_aside(path: Path, reason: str) -> Path:
-    """Rename ``path`` out of the committed namespace (never delete evidence)."""
-    target = path.with_name(f"{path.name}.{reason}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
-    os.rename(path, target)
-    fsync_dir(path.parent)
-    log.warning("ckpt.move_aside path=%s to=%s reason=%s", path, target.name, reason)
-    return target
+    """Rename a checkpoint folder out of the committed namespace (never delete evidence)."""
+    return set_aside(path, reason, event="ckpt.move_aside")
 
 
 def remove_dir_safely(path: Path) -> None:

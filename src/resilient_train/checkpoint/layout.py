@@ -136,8 +136,9 @@ def read_small_json(path: str | os.PathLike, max_bytes: int) -> Any:
         raise ValueError(f"not JSON ({_short(str(exc))})") from None
 
 
-def set_aside(path: str | os.PathLike, reason: str) -> Path:
-    """Rename ``path`` (a damaged side file, or a folder where a file belongs) to ``NAME.REASON-TIME-PID[-N]``.
+def set_aside(path: str | os.PathLike, reason: str, event: str = "side_file.set_aside") -> Path:
+    """Rename ``path`` (a checkpoint folder, a damaged side file, a folder where a file belongs) to
+    ``NAME.REASON-TIME-PID[-N]``, durably, and log ``event``.
 
     Evidence is kept, never deleted; the caller can then write a fresh file under the name. Raises ``OSError``.
     """
@@ -149,7 +150,7 @@ def set_aside(path: str | os.PathLike, reason: str) -> Path:
         target = path.with_name(f"{base}-{n}")
     os.rename(path, target)
     fsync_dir(path.parent)
-    log.warning("side_file.set_aside path=%s to=%s reason=%s", path, target.name, reason)
+    log.warning("%s path=%s to=%s reason=%s", event, path, target.name, reason)
     return target
 
 
