@@ -32,6 +32,7 @@ from resilient_train.checkpoint import (
     CheckpointError,
     CheckpointManager,
     load_checkpoint,
+    newest_valid,
     read_manifest,
     step_dir_name,
     verify_files,
@@ -338,7 +339,7 @@ def test_sigkill_during_checkpoint_write_never_exposes_a_partial_checkpoint(trai
     for p in mgr.committed():
         report = verify_files(p)
         assert report.ok, report.errors
-    assert mgr.latest_valid(move_aside_invalid=False).path == root / expected[-1]
+    assert newest_valid(root)[0].path == root / expected[-1]
     temps = [p for p in root.iterdir() if p.name.startswith(".tmp-")]
     if phase == "after_rename":
         assert temps == []
@@ -499,7 +500,7 @@ def test_retention_keep_last_1_keeps_newest_and_best(run60, tmp_path):
     best = mgr.best()
     assert best["step"] == _best_eval(run)["step"]
     assert sorted(p.name for p in root.iterdir()) == sorted({step_dir_name(65), best["path"], "best.json"})
-    assert mgr.latest_valid(move_aside_invalid=False).path == root / step_dir_name(65)
+    assert newest_valid(root)[0].path == root / step_dir_name(65)
 
 
 def _small_state(step: int) -> dict:
@@ -554,7 +555,7 @@ def test_manager_incomplete_dirs_do_not_count(tmp_path):
     assert (root / step_dir_name(3)).is_dir() and verify_files(root / step_dir_name(3)).ok
     assert not (root / step_dir_name(2)).exists()
     assert all(d.is_dir() for d in (tmp, trash, aside, incomplete))
-    assert mgr.latest_valid(move_aside_invalid=False).path == root / step_dir_name(3)
+    assert newest_valid(root)[0].path == root / step_dir_name(3)
 
     removed = mgr.cleanup_temporaries()
     assert sorted(removed) == sorted([tmp, trash])

@@ -42,16 +42,15 @@ from omegaconf import DictConfig, OmegaConf
 from .checkpoint import (
     MANIFEST,
     CheckpointError,
-    CheckpointManager,
     Loaded,
     committed,
     load_checkpoint,
     move_aside,
+    newest_valid,
     parse_step,
-    verify_files,
+    verify_content,
 )
 from .checkpoint.layout import CHECKPOINTS_DIR, TMP_PREFIX, TRASH_PREFIX
-from .checkpoint.manifest import NewerFormatError
 from .checks import check_checkpoint
 from .config import TrainConfig, flatten, is_resume_safe, to_plain
 from .monitor import truncate_history
@@ -176,40 +175,21 @@ def resume_target(rf: str) -> tuple[Path | None, Path | None]:
     )
 
 
-def _checked(path: Path) -> tuple[Loaded | None, list[str]]:
-    """A checkpoint read once and validated exactly as ``verify`` does: ``(loaded, [])`` or ``(None, problems)``.
-
-    A checkpoint of a newer format raises :class:`NewerFormatError`: it is not damage.
-    """
-    report = verify_files(path)
-    if report.newer:
-        raise NewerFormatError(report.errors[0])
-    if not report.ok:
-        return None, report.errors
-    problems = check_checkpoint(report.loaded)
-    return (None, problems) if problems else (report.loaded, [])
-
-
-def _newest_valid(root: Path) -> tuple[Loaded | None, list[Path]]:
-    """The newest checkpoint under ``root`` that passes, and the newer ones that failed (logged)."""
-    return CheckpointManager(root).newest_valid(check_checkpoint)
-
-
 def _choose(rf: str, run_dir: Path) -> tuple[Loaded | None, list[Path]]:
     """The checkpoint ``resume_from`` names, loaded (``None`` for ``auto`` in a run with none yet), and
     the checkpoints of this run to set aside once the start is accepted."""
     if rf == "auto":
-        loaded, failed = _newest_valid(run_dir / CHECKPOINTS_DIR)
+        loaded, failed = newest_valid(run_dir / CHECKPOINTS_DIR, check_checkpoint)
         if loaded is None:
             log.info("resume.none run_dir=%s: no valid checkpoint yet, starting fresh", run_dir)
         return loaded, failed
     run, ckpt = resume_target(rf)
     if ckpt is not None:
-        loaded, problems = _checked(ckpt)
+        loaded, problems = verify_content(ckpt, check_checkpoint)
         if loaded is None:
             raise CheckpointError(f"resume_from={rf} cannot be resumed: " + "; ".join(problems))
         return loaded, []
-    loaded, failed = _newest_valid(run / CHECKPOINTS_DIR)
+    loaded, failed = newest_valid(run / CHECKPOINTS_DIR, check_checkpoint)
     if loaded is None:
         raise StartupError(f"resume_from={rf}: no valid checkpoint under {run / CHECKPOINTS_DIR}")
     return loaded, failed if run.resolve() == run_dir.resolve() else []

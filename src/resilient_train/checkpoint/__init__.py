@@ -31,6 +31,8 @@ _LAZY = {
     "load_checkpoint": "files",
     "read_manifest": "manifest",
     "verify_files": "files",
+    "verify_content": "files",
+    "newest_valid": "files",
     "CheckpointManager": "manager",
 }
 

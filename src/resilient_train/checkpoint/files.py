@@ -17,7 +17,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from . import hashing, tree
+from .layout import committed
 from .manifest import (
     MANIFEST,
     MAX_JSON_BYTES,
@@ -50,6 +51,8 @@ __all__ = [
     "load_checkpoint",
     "VerifyReport",
     "verify_files",
+    "verify_content",
+    "newest_valid",
 ]
 
 log = logging.getLogger(__name__)
@@ -340,3 +343,28 @@ def verify_files(ckpt: Path) -> VerifyReport:
     except OSError as exc:  # a folder or file that cannot be read at all (permissions, I/O error)
         report.errors.append(f"{ckpt}: cannot be read: {exc}")
     return report
+
+
+def verify_content(ckpt: Path, check: Callable[[Loaded], list[str]] | None = None) -> tuple[Loaded | None, list[str]]:
+    """:func:`verify_files`, then ``check`` (which lists a loaded checkpoint's problems): ``(loaded, [])``
+    or ``(None, problems)``. A checkpoint of a newer format version raises :class:`NewerFormatError`:
+    it is not damage, and falling back past it would silently discard the newer program's progress."""
+    report = verify_files(ckpt)
+    if report.newer:
+        raise NewerFormatError(report.errors[0])
+    problems = report.errors if not report.ok else (check(report.loaded) if check else [])
+    return (None, problems) if problems else (report.loaded, [])
+
+
+def newest_valid(root: Path, check: Callable[[Loaded], list[str]] | None = None) -> tuple[Loaded | None, list[Path]]:
+    """The newest committed checkpoint under ``root`` that passes :func:`verify_content`, read once, and
+    the newer ones that failed (logged, left in place: the caller sets them aside once it may)."""
+    failed = []
+    for path in reversed(committed(root)):
+        loaded, problems = verify_content(path, check)
+        if loaded is not None:
+            return loaded, failed
+        more = f"; and {len(problems) - 3} more" if len(problems) > 3 else ""
+        log.error("ckpt.invalid path=%s reason=%s", path, "; ".join(problems[:3]) + more)
+        failed.append(path)
+    return None, failed

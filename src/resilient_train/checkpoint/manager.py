@@ -1,4 +1,4 @@
-"""The checkpoint manager: when to save, atomic commit, retention, the best pointer, resume lookup.
+"""The checkpoint manager: when to save, atomic commit, retention, the best pointer.
 
 It knows nothing of MAGVIT: callers hand it a dict of state dicts (``{"model": ..., "optim":
 ...}``) and name the flat tensor groups that get their own safetensors file, plus the state this
@@ -38,10 +38,10 @@ import torch
 from ..dist import Group
 from ..fsio import TMP_PREFIX, atomic_write, fsync_dir, write_durable
 from . import hashing, tree
-from .atomic import commit_dir, move_aside, remove_dir_safely
-from .files import FileWriter, Loaded, iter_files, rank_files, verify_files
+from .atomic import commit_dir, remove_dir_safely
+from .files import FileWriter, iter_files, rank_files
 from .layout import BEST_POINTER, SAVE_PHASES, TRASH_PREFIX, committed, read_best, rebuild_best, step_dir_name
-from .manifest import MANIFEST, RANKS_DIR, CheckpointError, NewerFormatError, manifest_bytes
+from .manifest import MANIFEST, RANKS_DIR, CheckpointError, manifest_bytes
 
 __all__ = ["CheckpointManager", "SAVE_PHASES", "SaveHook", "SaveError"]
 
@@ -117,36 +117,6 @@ class CheckpointManager:
                 log.info("ckpt.cleanup path=%s reason=incomplete-leftover", p)
                 removed.append(p)
         return removed
-
-    def newest_valid(self, check: Callable[[Loaded], list[str]] | None = None) -> tuple[Loaded | None, list[Path]]:
-        """The newest checkpoint that passes :func:`verify_files` (and ``check``, which lists a loaded
-        checkpoint's problems), read once; and the newer ones that failed (logged, left in place).
-
-        A checkpoint of a newer format version raises :class:`NewerFormatError`: it is not damage,
-        and falling back past it would silently discard the newer program's progress.
-        """
-        failed = []
-        for path in reversed(self.committed()):
-            report = verify_files(path)
-            if report.newer:
-                raise NewerFormatError(report.errors[0])
-            problems = report.errors if not report.ok else (check(report.loaded) if check else [])
-            if not problems:
-                return report.loaded, failed
-            more = f"; and {len(problems) - 3} more" if len(problems) > 3 else ""
-            log.error("ckpt.invalid path=%s reason=%s", path, "; ".join(problems[:3]) + more)
-            failed.append(path)
-        return None, failed
-
-    def latest_valid(
-        self, *, move_aside_invalid: bool = True, check: Callable[[Loaded], list[str]] | None = None
-    ) -> Loaded | None:
-        """:meth:`newest_valid`, setting the newer failing checkpoints aside (as ``corrupt``) when asked."""
-        loaded, failed = self.newest_valid(check)
-        if move_aside_invalid:
-            for path in failed:
-                move_aside(path, "corrupt")
-        return loaded
 
     def best(self) -> dict[str, Any] | None:
         return read_best(self.root)
