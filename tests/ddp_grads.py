@@ -39,7 +39,7 @@ def run_pass(trainer: Trainer, net: torch.nn.Module, video: torch.Tensor, kind: 
 
 
 def main() -> int:
-    group = from_env("cpu", 60)
+    group = from_env(torch.device("cpu"), 60)
     cfg = compose(["+experiment=tiny", "trainer.num_threads=1"])
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(cfg, tmp, group=group)

@@ -18,7 +18,7 @@ from resilient_train.trainer import Trainer
 
 
 def main() -> int:
-    group = from_env("cpu", 60)
+    group = from_env(torch.device("cpu"), 60)
     cfg = compose(["+experiment=tiny", "trainer.num_threads=1"])
     trainer = Trainer(cfg, sys.argv[1], group=group)
     if group.rank == 1:

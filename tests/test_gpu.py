@@ -48,3 +48,26 @@ def test_cuda_run_split_and_resumed_ends_bit_identical_to_the_continuous_one(tmp
     assert diff is None, f"continuous and resumed CUDA runs differ: {diff} (see {REPO / 'scripts' / 'gpu_check.sh'})"
     assert train_losses(split) == train_losses(continuous), "per-step losses differ after the resume"
     assert [s for s, _, _ in train_losses(split)] == list(range(1, 21)), "each train step must be logged once"
+
+
+def test_model_ema_optimizer_state_and_batches_live_on_the_gpu(tmp_path):
+    from conftest import compose_cfg
+
+    from resilient_train.trainer import Trainer
+
+    trainer = Trainer(compose_cfg(["+experiment=tiny", "trainer.device=cuda"]), tmp_path)
+    trainer.train_step()
+    tensors = {
+        **{f"model.{k}": t for k, t in trainer.model.state_dict().items()},
+        **{f"ema.{k}": t for k, t in trainer.ema.state_dict().items()},
+        **{
+            f"{name}.{k}": v
+            for name, opt in (("optim_gen", trainer.opt_gen), ("optim_discr", trainer.opt_discr))
+            for st in opt.state.values()
+            for k, v in st.items()
+            if k != "step"
+        },
+    }
+    assert trainer.device.type == "cuda"
+    assert [k for k, t in tensors.items() if t.device != trainer.device] == []
+    assert trainer.next_batch().device == trainer.device

@@ -287,7 +287,7 @@ def check_rng_state(rng: Any) -> str | None:
 
 
 def _check_tensors(p: _Problems, state: dict[str, Any], cfg: Any, step: int) -> None:
-    from .model import build_model
+    from .model import build_model, eval_copy
 
     with torch.random.fork_rng(devices=[]):
         model = build_model(cfg.model)  # the shapes and dtypes every tensor must have (weights unused)
@@ -297,7 +297,7 @@ def _check_tensors(p: _Problems, state: dict[str, Any], cfg: Any, step: int) -> 
         if "ema" not in state:
             p.add("ema.safetensors", "ema", "absent, but trainer.ema.enabled is true in the saved config")
         else:
-            _check_weights(p, "ema.safetensors", "ema", state["ema"], model.copy_for_eval().state_dict())
+            _check_weights(p, "ema.safetensors", "ema", state["ema"], eval_copy(model).state_dict())
     o = cfg.optimizer
     for part, params, lr in (
         ("gen", list(model.parameters()), o.lr),

@@ -36,6 +36,7 @@ from omegaconf import DictConfig, OmegaConf
 from .checkpoint import CheckpointError
 from .checkpoint.manager import SaveError
 from .config import CONFIG_DIR, register_configs, validate_config
+from .device import DeviceError, device_name, resolve_device, shares_gpu
 from .dist import Group, from_env, rank_from_env, world_size_from_env
 from .fsio import atomic_write
 from .resume import (
@@ -133,6 +134,13 @@ def prepare_argv(argv: list[str]) -> list[str]:
     subdir = _argv_value(argv, "hydra.output_subdir")
     argv = [a for a in argv if a.lstrip("+").partition("=")[0] != "hydra.output_subdir"]
     _hydra_subdir = ".hydra" if subdir is None else (None if subdir in ("null", "None", "") else subdir)
+    dev = _argv_value(argv, "trainer.device")
+    if dev is not None:  # before Hydra creates the run directory (a device in a config file: checked in run)
+        try:
+            resolve_device(dev)
+        except DeviceError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            raise SystemExit(EXIT_CONFIG_ERROR) from None
     rf = _argv_value(argv, "resume_from")
     if rf is not None and rf not in ("auto", "null", "None", ""):
         try:
@@ -228,7 +236,7 @@ def start(
     resumed = plan.loaded.path if plan.loaded else None
     log.info(
         "train.start run_dir=%s experiment=%s max_steps=%d resume=%s threads=%d rank=%d world_size=%d "
-        "batch_per_rank=%d grad_accum=%d global_batch=%d",
+        "batch_per_rank=%d grad_accum=%d global_batch=%d device=%s name=%s",
         run_dir,
         trainer.cfg.experiment,
         t.max_steps,
@@ -239,6 +247,8 @@ def start(
         trainer.cfg.data.batch_size,
         t.grad_accum_steps,
         trainer.cfg.data.batch_size * g.world_size * t.grad_accum_steps,
+        trainer.device,
+        device_name(trainer.device),
     )
     return trainer
 
@@ -333,11 +343,17 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str], log_name: str = "t
 
     ``log_name``: the log file, ``RUN/<log_name>.log``, opened once the start is accepted.
     """
+    try:  # a device the machine lacks is refused before the data, the run lock and the model
+        device = resolve_device(cfg.trainer.device)
+    except DeviceError as exc:
+        log.error("train.refused %s: %s", type(exc).__name__, exc)
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
     lock = RunLock(run_dir)
     log_file = PendingLog(f"{log_name}.log")
     logging.getLogger().addHandler(log_file)
     try:
-        group = from_env(cfg.trainer.device, cfg.trainer.dist_timeout_secs)
+        group = from_env(device, cfg.trainer.dist_timeout_secs, shared_gpu=shares_gpu(device, cfg.trainer.device))
     except (ValueError, RuntimeError) as exc:
         log.error("train.refused %s: %s", type(exc).__name__, exc)
         print(f"error: cannot join the process group: {exc}", file=sys.stderr)

@@ -119,7 +119,8 @@ class TrainerConfig:
     max_steps: int = 1000
     grad_accum_steps: int = 1
     num_threads: int = 2
-    device: str = "cpu"
+    # auto: this process's GPU when torch sees CUDA (LOCAL_RANK's under torchrun), else the CPU; or cpu, cuda, cuda:N.
+    device: str = "auto"
     deterministic: bool = True
     eval_every_n_steps: int = 100
     eval_batches: int = 2
@@ -184,6 +185,9 @@ class TrainConfig:
     chaos: ChaosConfig = field(default_factory=ChaosConfig)
 
 
+#: What ``trainer.device`` may say (resolved against the machine by :mod:`.device`).
+DEVICE_SPEC = re.compile(r"auto|cpu|cuda(:\d+)?")
+
 # Keys that may change on resume because they cannot change the weights. Everything else is
 # compared against the checkpoint's config before training starts.
 RESUME_SAFE_KEYS: tuple[str, ...] = (
@@ -196,6 +200,8 @@ RESUME_SAFE_KEYS: tuple[str, ...] = (
     "trainer.progress_bar",
     "trainer.dist_timeout_secs",
     "trainer.num_samples",
+    # The device a run trains on is recorded in each checkpoint's environment and compared there.
+    "trainer.device",
     "checkpoint.",
     "chaos.",
     "data.num_workers",
@@ -627,10 +633,10 @@ def _check_all(cfg: Any, get: Any, need: Any, save_phases: tuple[str, ...], time
     # ------------------------------------------------------------------ trainer
     device = get("trainer.device")
     need(
-        isinstance(device, str) and re.fullmatch(r"cpu|cuda(:\d+)?", device) is not None,
+        isinstance(device, str) and DEVICE_SPEC.fullmatch(device) is not None,
         "trainer.device",
         device,
-        "must be 'cpu', 'cuda' or 'cuda:N'",
+        "must be 'auto' (the GPU when there is one), 'cpu', 'cuda' or 'cuda:N'",
     )
 
     # ------------------------------------------------------------------ chaos

@@ -331,12 +331,14 @@ def build_loader(
     shuffle: bool = True,
     rank: int = 0,
     world_size: int = 1,
+    pin_memory: bool = False,
 ) -> DataLoader:
     """A loader over one epoch, starting at (global) batch ``start_batch`` of that epoch's fixed order.
 
     Iterating it never touches the global RNGs: the order comes from :class:`ResumableSampler` and
     the loader's worker base seed from its own generator seeded from ``(seed, epoch)``. With ranks,
-    this rank's slice of every global batch (see :class:`ResumableSampler`).
+    this rank's slice of every global batch (see :class:`ResumableSampler`). ``pin_memory``: batches
+    in page-locked memory, for copies to a GPU that do not block (the same bits as without).
     """
     batch_size = int(_cfg_get(data_cfg, "batch_size"))
     num_workers = int(_cfg_get(data_cfg, "num_workers", 0))
@@ -378,5 +380,6 @@ def build_loader(
         drop_last=True,
         num_workers=num_workers,
         generator=generator,
+        pin_memory=pin_memory,
         **kwargs,
     )

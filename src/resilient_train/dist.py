@@ -5,8 +5,9 @@ every collective locally and nothing imports ``torch.distributed``'s networking.
 ``torchrun`` (TorchElastic) the group is built from the environment torchrun sets (``RANK``,
 ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``, ``TORCHELASTIC_RESTART_COUNT``):
 
-* the backend follows the device: gloo for CPU, ``cpu:gloo,cuda:nccl`` for CUDA (objects and
-  small flags go over gloo, gradients over NCCL); it is recorded in every checkpoint;
+* the backend follows the device: gloo for CPU, ``cpu:gloo,cuda:nccl`` for one GPU per rank
+  (objects and small flags go over gloo, gradients over NCCL), gloo for ranks that share one GPU
+  (``trainer.device=cuda:N``: NCCL refuses two ranks on one device); it is recorded in every checkpoint;
 * the store is scoped to the restart attempt. torchrun keeps one store for the whole job, so after
   it restarted a killed worker, a plain ``init_process_group("gloo")`` found the dead attempt's
   addresses there and failed ("Gloo connectFullMesh ... Connection refused") or hung; a
@@ -100,12 +101,16 @@ class Group:
         return {"world_size": self.world_size, "backend": self.backend}
 
 
-def backend_for(device: str) -> str:
-    return "cpu:gloo,cuda:nccl" if device.startswith("cuda") else "gloo"
+def backend_for(device: torch.device, shared_gpu: bool = False) -> str:
+    return "cpu:gloo,cuda:nccl" if device.type == "cuda" and not shared_gpu else "gloo"
 
 
-def from_env(device: str, timeout_secs: float) -> Group:
-    """The group this process belongs to: torchrun's environment, or world size 1 without it."""
+def from_env(device: torch.device, timeout_secs: float, *, shared_gpu: bool = False) -> Group:
+    """The group this process belongs to: torchrun's environment, or world size 1 without it.
+
+    ``device``: this rank's, already resolved (:func:`.device.resolve_device`); ``shared_gpu``: the
+    ranks of this machine train on one GPU.
+    """
     world = world_size_from_env()
     if world <= 1:
         return Group()
@@ -114,9 +119,9 @@ def from_env(device: str, timeout_secs: float) -> Group:
     missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
     if missing:
         raise ValueError(f"WORLD_SIZE={world} but {missing} are not set; start ranks with torchrun")
-    backend = backend_for(device)
-    if device.startswith("cuda"):
-        torch.cuda.set_device(local)
+    backend = backend_for(device, shared_gpu)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     timeout = timedelta(seconds=float(timeout_secs))
     addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":

@@ -8,6 +8,7 @@ anything: the perceptual loss needs a local VGG16 weights file.
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import torch
 
 from .config import to_plain
 
-__all__ = ["build_model", "model_kwargs", "time_downsample_factor"]
+__all__ = ["build_model", "eval_copy", "model_kwargs", "time_downsample_factor"]
 
 log = logging.getLogger(__name__)
 
@@ -102,3 +103,27 @@ def build_model(model_cfg: Any) -> torch.nn.Module:
     if kwargs["perceptual_loss_weight"] > 0:
         kwargs["vgg"] = _local_vgg(model_cfg.vgg_weights_path)
     return VideoTokenizer(**kwargs)
+
+
+#: The parts of a ``VideoTokenizer`` that only training uses (the GAN and the perceptual loss).
+TRAINING_ONLY = ("discr", "vgg", "multiscale_discrs")
+
+
+def eval_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """The generator alone, in eval mode, on the device ``model`` is on; ``model`` is not touched.
+
+    What ``VideoTokenizer.copy_for_eval()`` returns, without its side effect: that method runs
+    ``deepcopy(self.cpu())``, which moves the model it copies to the CPU in place, so a model
+    being trained on a GPU would continue on the CPU. The training-only parts are not copied
+    at all (the deep copy maps them to ``None``), then removed from the copy.
+    """
+    memo: dict[int, object] = {}
+    for name in TRAINING_ONLY:
+        part = getattr(model, name, None)
+        if part is not None:
+            memo[id(part)] = None
+    out = copy.deepcopy(model, memo)
+    for name in TRAINING_ONLY:
+        if hasattr(out, name):
+            delattr(out, name)
+    return out.eval()

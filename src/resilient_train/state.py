@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from . import DETERMINISM_ENV, __version__
+from .model import eval_copy
 from .rng import RNGState
 
 __all__ = [
@@ -35,7 +36,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Environment keys that must match between a checkpoint and the process resuming it.
+#: Environment keys that must match between a checkpoint and the process resuming it. ``device`` is
+#: the kind (``cpu``, ``cuda``), ``cuda_devices`` the number of CUDA generators each process saves
+#: (1 on a GPU, 0 on the CPU).
 ENV_KEYS = ("torch", "num_threads", "cpu_capability", "device", "cuda_devices", "machine", "determinism_env")
 
 
@@ -125,7 +128,7 @@ class EMA:
     def __init__(self, model: torch.nn.Module, decay: float, update_every: int = 1) -> None:
         self.decay = decay
         self.update_every = update_every
-        self.model = model.copy_for_eval()
+        self.model = eval_copy(model)  # on the model's device; the model stays where it is
         self.model.requires_grad_(False)
         src = model.state_dict()
         self._pairs = [(t, src[k]) for k, t in self.model.state_dict().items()]
@@ -163,19 +166,19 @@ def warmup_cosine(warmup_steps: int, schedule_steps: int, min_ratio: float):
     return mult
 
 
-def capture_env(device: str) -> dict[str, Any]:
+def capture_env(device: torch.device) -> dict[str, Any]:
     """What determines the bits of a run on this machine (call after the thread count is set)."""
     env = {
         "torch": torch.__version__,
         "num_threads": torch.get_num_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "device": device,
-        "cuda_devices": torch.cuda.device_count() if torch.cuda.is_available() else 0,
+        "device": device.type,
+        "cuda_devices": int(device.type == "cuda"),
         "machine": platform.machine(),
         "determinism_env": {k: os.environ.get(k) for k in DETERMINISM_ENV},
     }
-    if device.startswith("cuda"):
-        env["cuda_name"] = torch.cuda.get_device_name(torch.device(device))
+    if device.type == "cuda":
+        env["cuda_name"] = torch.cuda.get_device_name(device)
     return env
 
 
@@ -190,6 +193,15 @@ def check_env(saved: Any, here: dict[str, Any], *, allow: bool) -> list[str]:
     if not diffs:
         return []
     msg = "the environment differs from the checkpoint's, so the bits cannot match: " + "; ".join(diffs)
+    was, now = (saved or {}).get("device") if isinstance(saved, dict) else None, here.get("device")
+    if not allow and was != now:
+        raise StateError(
+            f"{msg}. The checkpoint was trained on {was} and this process would train on {now}: weights, "
+            "optimizer state, counters and data position would load exactly, but the next steps would not be "
+            f"bit-identical to a run that stayed on {was} (bitwise continuity holds on one kind of device). "
+            f"Pass trainer.device={was} to continue bit-exactly, or resume.allow_config_change=true to continue "
+            f"on {now} (recorded in the next checkpoint's manifest)."
+        )
     if not allow:
         raise StateError(msg + ". Set resume.allow_config_change=true to continue anyway.")
     log.warning("resume.env_change %s (allowed by resume.allow_config_change)", msg)

@@ -31,6 +31,7 @@ from .checkpoint import CheckpointError, CheckpointManager, Loaded
 from .checkpoint.manager import SaveHook
 from .config import TrainConfig, TrainerConfig, config_hash, to_plain, typed
 from .data import batches_per_epoch, build_data, build_loader
+from .device import resolve_device
 from .dist import Group
 from .metrics import Reconstruction
 from .model import build_model
@@ -73,12 +74,16 @@ REQUIRED_PARTS = ("model", "optim_gen", "optim_discr", "sched_gen", "sched_discr
 
 
 def configure_process(t: TrainerConfig) -> None:
-    """Process-wide settings the bits depend on: thread count and deterministic kernels."""
+    """Process-wide settings the bits depend on: thread count and deterministic kernels.
+
+    ``trainer.deterministic=false`` switches them off again (in a process that trained with them on)
+    and lets cuDNN pick its fastest convolution per shape (``cudnn.benchmark``).
+    """
     torch.set_num_threads(t.num_threads)
     if t.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(t.deterministic)
+    torch.backends.cudnn.benchmark = not t.deterministic
 
 
 class Trainer:
@@ -93,7 +98,9 @@ class Trainer:
         observers: Sequence[Observer] = (),
         save_hooks: Sequence[SaveHook] = (),
         group: Group | None = None,
+        device: torch.device | None = None,
     ) -> None:
+        """``device``: where to train; by default ``trainer.device`` resolved for this process (:mod:`.device`)."""
         self.cfg = cfg = typed(cfg)
         self.group = g = group or Group()
         self.run_dir = Path(run_dir)
@@ -101,9 +108,9 @@ class Trainer:
         self.observers = list(observers)
         t, o, m = cfg.trainer, cfg.optimizer, cfg.model
         configure_process(t)
-        self.device = torch.device(t.device)
-        if g.distributed and self.device.type == "cuda":
-            self.device = torch.device("cuda", g.local_rank)  # one GPU per rank: LOCAL_RANK's
+        self.device = device if device is not None else resolve_device(t.device)  # LOCAL_RANK's GPU under torchrun
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.accum = t.grad_accum_steps
         self.use_gan = m.use_gan
         # The data first: a folder that cannot be used is refused before the model is built.
@@ -132,8 +139,8 @@ class Trainer:
             )
         self.counters = TrainCounters()
         self.position = DataPosition()
-        cuda = [self.device.index] if g.distributed and self.device.type == "cuda" else None
-        self.rank = RankState(g.rank, self.position, cuda)
+        # The random streams this process draws from: the CPU's, and its own GPU's when it trains on one.
+        self.rank = RankState(g.rank, self.position, [self.device.index] if self.device.type == "cuda" else [])
         parts = (self.model, self.opt_gen, self.opt_discr, self.sched_gen, self.sched_discr, self.counters, self.rank)
         self.states: dict[str, Any] = dict(zip(REQUIRED_PARTS, parts))
         if self.ema is not None:
@@ -148,7 +155,7 @@ class Trainer:
             hooks=save_hooks,
             group=g,
         )
-        self.env = capture_env(t.device if g.distributed else str(self.device))  # the same on every rank
+        self.env = capture_env(self.device)  # the same on every rank
         # Fixed for the run: computed once, not at every save.
         self._metadata = {"config_hash": config_hash(cfg), "versions": package_versions(), "env": self.env}
         if self.data_fingerprint is not None:
@@ -186,6 +193,7 @@ class Trainer:
         """Load a verified checkpoint: environment check, every part strictly, counters against the manifest."""
         t0 = time.perf_counter()
         self.config_changes += check_env(loaded.state.get("env"), self.env, allow=self.cfg.resume.allow_config_change)
+        self._convert_device_rng(loaded)
         self._check_world_size(loaded)
         self._check_data(loaded)
         try:
@@ -233,6 +241,29 @@ class Trainer:
             )
         log.warning("resume.data_change allowed by resume.allow_config_change: %s", "; ".join(diffs))
         self.config_changes += [f"data: {d}" for d in diffs]
+
+    def _convert_device_rng(self, loaded: Loaded) -> None:
+        """After an allowed change of device kind: this device's random stream starts afresh (seeded from
+        the run's seed, rank and step); the CPU streams carry over as they are."""
+        env = loaded.state.get("env")
+        ranks = loaded.state.get("ranks")
+        mine = ranks.get(str(self.group.rank)) if isinstance(ranks, dict) else None
+        if not isinstance(env, dict) or env.get("device") == self.env["device"] or not isinstance(mine, dict):
+            return
+        cuda = []
+        if self.device.type == "cuda":
+            with torch.random.fork_rng(devices=[self.device]):
+                torch.cuda.manual_seed(rank_seed(self.cfg.seed, self.group.rank, loaded.step))
+                cuda = [torch.cuda.get_rng_state(self.device)]
+        if isinstance(mine.get("rng"), dict):
+            mine["rng"] = {**mine["rng"], "cuda": cuda}
+        log.warning(
+            "resume.device_change from=%s to=%s step=%d: fresh random stream on %s (no bitwise continuity)",
+            env.get("device"),
+            self.env["device"],
+            loaded.step,
+            self.device,
+        )
 
     def _check_world_size(self, loaded: Loaded) -> None:
         """Refuse a checkpoint of another world size, or (when allowed) carry it over and say so."""
@@ -285,13 +316,16 @@ class Trainer:
                 start_batch=self.position.batch_in_epoch,
                 rank=self.group.rank,
                 world_size=self.group.world_size,
+                pin_memory=self.device.type == "cuda",
             )
             self._iter = iter(loader)
             self.rank.apply_pending_rng()  # after the loader is rebuilt, before the first batch
         batch = next(self._iter)
         self.position.batch_in_epoch += 1
         self.counters.samples_seen += batch.shape[0] * self.group.world_size  # global: the same on every rank
-        return batch.to(self.device, non_blocking=False)
+        # From pinned memory (the loader pins it for a GPU) the copy need not wait: the batch is
+        # a fresh tensor that nothing writes again, and kernels using it run after the copy.
+        return batch.to(self.device, non_blocking=self.device.type == "cuda")
 
     # -- ranks ------------------------------------------------------------------------------
 
