@@ -529,11 +529,18 @@ def _copy_floor(state: dict[str, Any], reps: int) -> dict[str, Any]:
                 collect(v)
 
     collect(state)
-    bufs = [torch.empty_like(t) for t in tensors]
+    # Tensors on a GPU: one copy into page-locked host memory, waited for once (what the snapshot does).
+    bufs = [torch.empty(t.shape, dtype=t.dtype, pin_memory=t.is_cuda) for t in tensors]
+    cuda = any(t.is_cuda for t in tensors)
 
     def copy() -> None:
         for b, t in zip(bufs, tensors):
-            ctypes.memmove(b.data_ptr(), t.data_ptr(), t.numel() * t.element_size())
+            if t.is_cuda:
+                b.copy_(t, non_blocking=True)
+            else:
+                ctypes.memmove(b.data_ptr(), t.data_ptr(), t.numel() * t.element_size())
+        if cuda:
+            torch.cuda.synchronize()
 
     copy()  # fault the pages in once: the async path reuses its buffers too
     secs = median(interleaved({"copy": copy}, reps)["copy"])
@@ -595,8 +602,11 @@ def bare_loop(trainer, batches, step0: int, n: int) -> list[float]:
     """``n`` bare steps from ``step0``: the time (perf_counter) after each."""
     accum = trainer.cfg.trainer.grad_accum_steps
     times = []
+    cuda = trainer.device.type == "cuda"
     for step in range(step0, step0 + n):
         bare_step(trainer, [next(batches) for _ in range(accum)], step)
+        if cuda:  # the step has run, not only been queued (train_step's .item() calls wait the same way)
+            torch.cuda.synchronize()
         times.append(time.perf_counter())
     return times
 

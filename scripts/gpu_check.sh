@@ -1,36 +1,50 @@
 #!/usr/bin/env bash
-# The GPU check: resume is bit-exact on CUDA, with one process and (given two GPUs) with two ranks on NCCL, and
-# the chaos proof holds on CUDA. One prepared script; it stops itself within BUDGET seconds (default 540).
+# The GPU acceptance run: resume is bit-exact on CUDA (one process; two ranks sharing one GPU over gloo; two
+# ranks on NCCL given two GPUs), `trainer.device=auto` takes the GPU, the chaos proof holds on CUDA, and
+# magvit64's throughput, memory, FLOP/s share, loop overhead and checkpoint costs on the GPU are measured
+# (scripts/gpu_bench.py). One prepared script; it stops itself within BUDGET seconds (default 480).
 #
 # Before running it: the project installed into the `python` on PATH (`pip install -e .` in this checkout, or
 # `make setup && source .venv/bin/activate`). It uses that python as it is and creates no environment. Then:
 #
 #   scripts/gpu_check.sh                      # writes under ./outputs/gpu_check/<timestamp>
-#   OUT=/tmp/gpu BUDGET=480 scripts/gpu_check.sh
+#   OUT=/tmp/gpu BUDGET=400 scripts/gpu_check.sh
+#   DEVICE=cpu scripts/gpu_check.sh           # rehearse every step on a machine without a GPU (tiny sizes)
 #
-# Checks (each command under `timeout`, its output in $OUT/logs/<check>.log):
-#   cuda.continuous   python train.py +experiment=tiny trainer.device=cuda, 30 steps straight
+# Checks, in this order (each command under `timeout`, its output in $OUT/logs/<check>.log):
+#   cuda.continuous   python train.py +experiment=tiny trainer.device=cuda (EMA on, as by default), 30 steps
 #   cuda.split        the same to 20 steps, then resume_from=auto to 30
 #   cuda.compare      python -m resilient_train.verify continuous --compare resumed: must print "identical"
-#   nccl.*            the same three with torchrun --standalone --nproc-per-node 2 (skipped with fewer than 2 GPUs)
+#   auto              python train.py +experiment=tiny (trainer.device left at auto): train.start says cuda:0
 #   chaos             python scripts/chaos_test.py --steps 30 --set trainer.device=cuda (one process)
-# Prints one PASS/FAIL/SKIP line per check at the end; exits 1 if any check failed, 2 if there is no CUDA device.
+#   bench             python scripts/gpu_bench.py: steps/s, clips/s, peak memory, FLOP/s share at batch 1, 8
+#                     and 32, deterministic on and off; loop vs bare step; save time and async stall
+#   shared.*          the proof under torchrun --nproc-per-node 2 with trainer.device=cuda:0: both ranks on one
+#                     GPU, gradients over gloo (NCCL refuses two ranks on one device)
+#   nccl.*            the proof under torchrun --nproc-per-node 2 with trainer.device=cuda (needs 2 GPUs)
+# Prints one PASS/FAIL/SKIP line per check and the bench table, writes $OUT/gpu_check.json; exits 1 if any
+# check failed, 2 if there is no CUDA device.
 set -euo pipefail
 
-BUDGET=${BUDGET:-540}
+BUDGET=${BUDGET:-480}
+DEVICE=${DEVICE:-cuda} # cpu: a rehearsal of the script itself
 DEADLINE=$((SECONDS + BUDGET))
 OUT=${OUT:-outputs/gpu_check/$(date +%Y-%m-%d_%H-%M-%S)}  # relative to the working directory, as make chaos-test
 mkdir -p "$OUT/logs"
 OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.."  # the repository root: train.py, scripts/chaos_test.py
 
-TINY=(+experiment=tiny trainer.device=cuda checkpoint.every_n_steps=10 trainer.progress_bar=false)
+TINY=(+experiment=tiny trainer.ema.enabled=true data.num_workers=2 checkpoint.every_n_steps=10 trainer.progress_bar=false)
+if [[ $DEVICE == cpu ]]; then ONE=cpu SHARED=cpu; else ONE=cuda SHARED=cuda:0; fi
 TORCHRUN=(python -m torch.distributed.run --standalone --nproc-per-node 2 --max-restarts 0)  # torchrun, this python
 RESULTS=()
+JSON=()
 FAILED=0
 
 record() {  # record PASS|FAIL|SKIP CHECK [DETAIL]
     RESULTS+=("$(printf '%-4s  %-16s %s' "$1" "$2" "${3:-}")")
+    JSON+=("$(python -c 'import json, sys; print(json.dumps(dict(zip(("status", "check", "detail"), sys.argv[1:]))))' \
+        "$1" "$2" "${3:-}")")
     if [[ $1 == FAIL ]]; then FAILED=1; fi
     return 0
 }
@@ -68,14 +82,13 @@ compare() {  # compare NAME A B: verify --compare must exit 0 and print "identic
     fi
 }
 
-proof() {  # proof PREFIX LAUNCHER...: continuous 30 steps vs 20 + resume to 30, then the comparison
-    local p=$1
-    shift
-    local ok=1
-    check "$p.continuous" 240 "$@" train.py "${TINY[@]}" trainer.max_steps=30 "hydra.run.dir=$OUT/$p/continuous" || ok=0
-    if step "$p.split" 240 "$@" train.py "${TINY[@]}" trainer.max_steps=20 "hydra.run.dir=$OUT/$p/resumed" &&
-        step "$p.split" 240 "$@" train.py "${TINY[@]}" trainer.max_steps=30 "hydra.run.dir=$OUT/$p/resumed" \
-            resume_from=auto; then
+proof() {  # proof PREFIX DEVICE LAUNCHER...: continuous 30 steps vs 20 + resume to 30, then the comparison
+    local p=$1 dev=$2
+    shift 2
+    local ok=1 run=("$@" train.py "${TINY[@]}" "trainer.device=$dev")
+    check "$p.continuous" 240 "${run[@]}" trainer.max_steps=30 "hydra.run.dir=$OUT/$p/continuous" || ok=0
+    if step "$p.split" 240 "${run[@]}" trainer.max_steps=20 "hydra.run.dir=$OUT/$p/resumed" &&
+        step "$p.split" 240 "${run[@]}" trainer.max_steps=30 "hydra.run.dir=$OUT/$p/resumed" resume_from=auto; then
         record PASS "$p.split" "20 steps, then resume_from=auto to 30"
     else
         record FAIL "$p.split" "see $OUT/logs/$p.split.log"
@@ -89,7 +102,7 @@ proof() {  # proof PREFIX LAUNCHER...: continuous 30 steps vs 20 + resume to 30,
 }
 
 echo "== machine"
-if ! command -v nvidia-smi >/dev/null || ! nvidia-smi -L; then
+if [[ $DEVICE == cuda ]] && { ! command -v nvidia-smi >/dev/null || ! nvidia-smi -L; }; then
     echo "error: nvidia-smi is missing or sees no GPU" >&2
     exit 2
 fi
@@ -97,7 +110,7 @@ if ! python -c "import torch, resilient_train" 2>/dev/null; then
     echo "error: $(command -v python) cannot import torch and resilient_train: run pip install -e . first" >&2
     exit 2
 fi
-python - <<'EOF'
+python -c '
 import sys
 
 import torch
@@ -106,37 +119,70 @@ nccl = ".".join(map(str, torch.cuda.nccl.version())) if torch.cuda.is_available(
 print(f"python {sys.version.split()[0]}  torch {torch.__version__}  CUDA {torch.version.cuda}  "
       f"cuDNN {torch.backends.cudnn.version()}  NCCL {nccl}")
 print(f"torch.cuda.is_available() {torch.cuda.is_available()}  devices {torch.cuda.device_count()}")
-EOF
-if ! python -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
-    echo "error: torch sees no CUDA device (a CPU-only build, or CUDA_VISIBLE_DEVICES hides them)" >&2
-    exit 2
-fi
-# nvidia-smi -L also lists MIG instances, and CUDA_VISIBLE_DEVICES may hide GPUs: take the smaller count.
-NGPU=$(nvidia-smi -L | wc -l)
-TORCH_GPUS=$(python -c "import torch; print(torch.cuda.device_count())")
-if ((TORCH_GPUS < NGPU)); then NGPU=$TORCH_GPUS; fi
-echo "output: $OUT   GPUs usable: $NGPU   budget: $BUDGET s"
-
-echo "== one process on cuda: continuous vs resumed"
-proof cuda python
-
-echo "== two ranks on NCCL (torchrun): continuous vs resumed"
-if ((NGPU >= 2)); then
-    proof nccl "${TORCHRUN[@]}"
+'
+NGPU=0
+if [[ $DEVICE == cuda ]]; then
+    if ! python -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
+        echo "error: torch sees no CUDA device (a CPU-only build, or CUDA_VISIBLE_DEVICES hides them)" >&2
+        exit 2
+    fi
+    # nvidia-smi -L also lists MIG instances, and CUDA_VISIBLE_DEVICES may hide GPUs: take the smaller count.
+    NGPU=$(nvidia-smi -L | wc -l)
+    TORCH_GPUS=$(python -c "import torch; print(torch.cuda.device_count())")
+    if ((TORCH_GPUS < NGPU)); then NGPU=$TORCH_GPUS; fi
 else
-    record SKIP nccl "fewer than 2 GPUs"
+    TINY+=(trainer.num_threads=1)  # two ranks on a small CPU machine: one thread each
+fi
+echo "output: $OUT   device: $DEVICE   GPUs usable: $NGPU   budget: $BUDGET s"
+
+echo "== one process on $ONE: continuous vs resumed"
+proof cuda "$ONE" python
+
+echo "== trainer.device=auto (the default) takes the GPU"
+want="device=cuda:0 "
+if [[ $DEVICE == cpu ]]; then want="device=cpu "; fi
+if step auto 120 python train.py "${TINY[@]}" trainer.max_steps=2 "hydra.run.dir=$OUT/auto"; then
+    line=$(grep -o "device=.*" "$OUT/auto/train.log" | head -n1 || true)
+    if [[ $line == "$want"* ]]; then record PASS auto "$line"; else record FAIL auto "train.start: '$line'"; fi
+else
+    record FAIL auto "see $OUT/logs/auto.log"
 fi
 
-echo "== chaos proof on cuda (one process)"
-if step chaos 330 python scripts/chaos_test.py --steps 30 --set trainer.device=cuda --out "$OUT/chaos"; then
+echo "== chaos proof on $ONE (one process)"
+if step chaos 240 python scripts/chaos_test.py --steps 30 --set "trainer.device=$ONE" --out "$OUT/chaos"; then
     record PASS chaos "$(head -n1 "$OUT/chaos/report.md")"
 else
     headline="no report"
     if [[ -f $OUT/chaos/report.md ]]; then headline="$(head -n1 "$OUT/chaos/report.md"), $OUT/chaos/report.md"; fi
     record FAIL chaos "$headline; log $OUT/logs/chaos.log"
 fi
-if [[ -f $OUT/chaos/report.md ]]; then echo "  report: $(head -n1 "$OUT/chaos/report.md")"; fi
 
-echo "== summary ($((SECONDS)) s, output $OUT)"
+echo "== magvit64 on $ONE: throughput, loop vs bare step, checkpoint costs"
+quick=()
+if [[ $DEVICE == cpu ]]; then quick=(--quick); fi
+if step bench 200 python scripts/gpu_bench.py --device "$ONE" --out "$OUT/bench" "${quick[@]}"; then
+    record PASS bench "$OUT/bench/gpu_bench.json"
+else
+    record FAIL bench "see $OUT/logs/bench.log"
+fi
+
+echo "== two ranks sharing one device ($SHARED, gloo): continuous vs resumed"
+proof shared "$SHARED" "${TORCHRUN[@]}"
+
+echo "== two ranks on NCCL (torchrun, a GPU each): continuous vs resumed"
+if ((NGPU >= 2)); then
+    proof nccl cuda "${TORCHRUN[@]}"
+else
+    record SKIP nccl "fewer than 2 GPUs"
+fi
+
+echo "== summary ($SECONDS s, output $OUT)"
 printf '%s\n' "${RESULTS[@]}"
+if [[ -f $OUT/logs/bench.log ]]; then sed -n '/ on .* (torch /,$p' "$OUT/logs/bench.log"; fi
+printf '%s\n' "${JSON[@]}" | python -c '
+import json, sys
+checks = [json.loads(line) for line in sys.stdin if line.strip()]
+print(json.dumps({"checks": checks, "failed": any(c["status"] == "FAIL" for c in checks)}, indent=1))
+' >"$OUT/gpu_check.json"
+echo "wrote $OUT/gpu_check.json"
 exit "$FAILED"

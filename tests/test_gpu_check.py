@@ -1,0 +1,37 @@
+"""``scripts/gpu_check.sh`` rehearsed on the CPU (``DEVICE=cpu``): every step of the GPU acceptance run runs and
+passes, so a session lent a GPU spends its minutes on the GPU, not on the script. Slow (about two minutes)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import pytest
+from conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+
+def test_gpu_check_rehearsal_passes_every_check_on_the_cpu(tmp_path):
+    out = tmp_path / "gpu_check"
+    env = {**os.environ, "DEVICE": "cpu", "OUT": str(out), "BUDGET": "480"}
+    proc = subprocess.run(
+        ["bash", str(REPO / "scripts" / "gpu_check.sh")], capture_output=True, text=True, timeout=600, env=env
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    report = json.loads((out / "gpu_check.json").read_text())
+    status = {c["check"]: c["status"] for c in report["checks"]}
+    expected = ["cuda.continuous", "cuda.split", "cuda.compare", "auto", "chaos", "bench"]
+    expected += ["shared.continuous", "shared.split", "shared.compare"]
+    assert status == {**dict.fromkeys(expected, "PASS"), "nccl": "SKIP"}, status
+    assert {c["check"]: c["detail"] for c in report["checks"]}["cuda.compare"] == "identical"
+    bench = json.loads((out / "bench" / "gpu_bench.json").read_text())
+    assert [(r["batch"], r["deterministic"]) for r in bench["throughput"]] == [
+        (1, True),
+        (2, True),
+        (1, False),
+        (2, False),
+    ]
+    assert all(r["flops_per_step"] > 0 and r["clips_per_s"] > 0 for r in bench["throughput"])
+    assert "loop vs bare step" in proc.stdout and "async stall" in proc.stdout
