@@ -36,11 +36,11 @@ chaos-test-ranks: $(STAMP)
 	$(PY) scripts/chaos_test.py --nproc 2
 
 bench: $(STAMP)
-	$(PY) scripts/bench.py
+	$(PY) -m benchmarks
 
 lint: $(STAMP)
-	$(PY) -m ruff check src tests scripts train.py
-	$(PY) -m ruff format --check src tests scripts train.py
+	$(PY) -m ruff check src tests scripts benchmarks train.py
+	$(PY) -m ruff format --check src tests scripts benchmarks train.py
 
 clean:
 	rm -rf outputs .pytest_cache

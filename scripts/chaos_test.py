@@ -6,7 +6,7 @@ See resilient_train.orchestrator for the options (python scripts/chaos_test.py -
 
 import sys
 
-from resilient_train.orchestrator import main
+from resilient_train.chaos.orchestrator import main
 
 if __name__ == "__main__":
     sys.exit(main())

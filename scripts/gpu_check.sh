@@ -2,7 +2,7 @@
 # The GPU acceptance run: resume is bit-exact on CUDA (one process; two ranks sharing one GPU over gloo; two
 # ranks on NCCL given two GPUs), `trainer.device=auto` takes the GPU, the chaos proof holds on CUDA, and
 # magvit64's throughput, memory, FLOP/s share, loop overhead and checkpoint costs on the GPU are measured
-# (scripts/gpu_bench.py). One prepared script; it stops itself within BUDGET seconds (default 480).
+# (python -m benchmarks.gpu). One prepared script; it stops itself within BUDGET seconds (default 480).
 #
 # Before running it: the project installed into the `python` on PATH (`pip install -e .` in this checkout, or
 # `make setup && source .venv/bin/activate`). It uses that python as it is and creates no environment. Then:
@@ -17,7 +17,7 @@
 #   cuda.compare      python -m resilient_train.verify continuous --compare resumed: must print "identical"
 #   auto              python train.py +experiment=tiny (trainer.device left at auto): train.start says cuda:0
 #   chaos             python scripts/chaos_test.py --steps 30 --set trainer.device=cuda (one process)
-#   bench             python scripts/gpu_bench.py: steps/s, clips/s, peak memory, FLOP/s share at batch 1, 8
+#   bench             python -m benchmarks.gpu: steps/s, clips/s, peak memory, FLOP/s share at batch 1, 8
 #                     and 32, deterministic on and off; loop vs bare step; save time and async stall
 #   shared.*          the proof under torchrun --nproc-per-node 2 with trainer.device=cuda:0: both ranks on one
 #                     GPU, gradients over gloo (NCCL refuses two ranks on one device)
@@ -32,7 +32,7 @@ DEADLINE=$((SECONDS + BUDGET))
 OUT=${OUT:-outputs/gpu_check/$(date +%Y-%m-%d_%H-%M-%S)}  # relative to the working directory, as make chaos-test
 mkdir -p "$OUT/logs"
 OUT=$(cd "$OUT" && pwd)
-cd "$(dirname "$0")/.."  # the repository root: train.py, scripts/chaos_test.py
+cd "$(dirname "$0")/.."  # the repository root: train.py, scripts/chaos_test.py, benchmarks/
 
 TINY=(+experiment=tiny trainer.ema.enabled=true data.num_workers=2 checkpoint.every_n_steps=10 trainer.progress_bar=false)
 if [[ $DEVICE == cpu ]]; then ONE=cpu SHARED=cpu; else ONE=cuda SHARED=cuda:0; fi
@@ -160,7 +160,7 @@ fi
 echo "== magvit64 on $ONE: throughput, loop vs bare step, checkpoint costs"
 quick=()
 if [[ $DEVICE == cpu ]]; then quick=(--quick); fi
-if step bench 200 python scripts/gpu_bench.py --device "$ONE" --out "$OUT/bench" "${quick[@]}"; then
+if step bench 200 python -m benchmarks.gpu --device "$ONE" --out "$OUT/bench" "${quick[@]}"; then
     record PASS bench "$OUT/bench/gpu_bench.json"
 else
     record FAIL bench "see $OUT/logs/bench.log"

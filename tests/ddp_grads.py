@@ -18,7 +18,8 @@ import torch
 
 from resilient_train.config import compose
 from resilient_train.dist import from_env
-from resilient_train.trainer import Trainer
+from resilient_train.train.ranks import wrap_ddp
+from resilient_train.train.trainer import Trainer
 
 
 def grads(model: torch.nn.Module) -> dict[str, torch.Tensor | None]:
@@ -43,7 +44,7 @@ def main() -> int:
     cfg = compose(["+experiment=tiny", "trainer.num_threads=1"])
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(cfg, tmp, group=group)
-        trainer.wrap_ddp()
+        trainer.net = wrap_ddp(trainer.model, group, trainer.device)
         assert trainer.net is not trainer.model, "no DDP wrapper with more than one rank"
         video = trainer.train_ds[group.rank].unsqueeze(0)  # a different clip on every rank
         report = {}

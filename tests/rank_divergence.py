@@ -14,7 +14,7 @@ import torch
 from resilient_train.checkpoint import CheckpointError
 from resilient_train.config import compose
 from resilient_train.dist import from_env
-from resilient_train.trainer import Trainer
+from resilient_train.train.trainer import Trainer
 
 
 def main() -> int:

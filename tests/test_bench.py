@@ -1,4 +1,4 @@
-"""``scripts/bench.py``: its bare-loop baseline is the trainer's step, bit for bit; and a smoke test of
+"""``python -m benchmarks``: its bare-loop baseline is the trainer's step, bit for bit; and a smoke test of
 ``--quick``: it runs and writes every ratio. No timing is asserted (claims of speed live in the
 benchmark's report, not in tests).
 
@@ -8,7 +8,6 @@ which takes well over a minute on 2 cores.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import subprocess
@@ -17,8 +16,9 @@ import sys
 import pytest
 from conftest import REPO, compose_cfg
 
-from resilient_train.rng import RNGState
-from resilient_train.trainer import Trainer
+from benchmarks.loop import bare_step, train_batches
+from resilient_train.train.rng import RNGState
+from resilient_train.train.trainer import Trainer
 from resilient_train.verify import compare_states
 
 RATIOS = {
@@ -45,7 +45,7 @@ RATIOS = {
 def test_bench_quick_writes_every_ratio(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "bench.py"), "--quick", "--out", str(out)],
+        [sys.executable, "-m", "benchmarks", "--quick", "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=900,
@@ -79,19 +79,10 @@ def test_bench_quick_writes_every_ratio(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["bench.json"]
 
 
-def _load_bench():
-    """``scripts/bench.py`` as a module (it is a script, not part of the package)."""
-    spec = importlib.util.spec_from_file_location("bench", REPO / "scripts" / "bench.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize("use_gan", [True, False])
 def test_bare_loop_step_equals_train_step_bit_for_bit(tmp_path, use_gan):
     """The bench's baseline does the trainer's work: after two steps (the first with the gradient
     penalty, the second without) model, EMA, both optimizers and both schedules hold the same bits."""
-    bench = _load_bench()
     cfg = compose_cfg(["+experiment=tiny", f"model.use_gan={str(use_gan).lower()}"])
     ours = Trainer(cfg, tmp_path / "ours")
     bare = Trainer(cfg, tmp_path / "bare")  # same seed: the same initial weights
@@ -100,9 +91,9 @@ def test_bare_loop_step_equals_train_step_bit_for_bit(tmp_path, use_gan):
         ours.train_step()
     assert ours.counters.step == 2
     RNGState().load_state_dict(rng)
-    batches = bench._batches(bare)
+    batches = train_batches(bare)
     for step in range(2):
-        bench.bare_step(bare, [next(batches) for _ in range(cfg.trainer.grad_accum_steps)], step)
+        bare_step(bare, [next(batches) for _ in range(cfg.trainer.grad_accum_steps)], step)
 
     def parts(t: Trainer) -> dict:
         state = t.state_dict()
@@ -110,5 +101,5 @@ def test_bare_loop_step_equals_train_step_bit_for_bit(tmp_path, use_gan):
 
     assert compare_states(parts(ours), parts(bare)) is None
     # The comparison can fail: one more bare step and the states differ.
-    bench.bare_step(bare, [next(batches) for _ in range(cfg.trainer.grad_accum_steps)], 2)
+    bare_step(bare, [next(batches) for _ in range(cfg.trainer.grad_accum_steps)], 2)
     assert compare_states(parts(ours), parts(bare)) is not None

@@ -11,7 +11,7 @@ from conftest import REPO
 from omegaconf import OmegaConf
 
 from resilient_train.chaos import ChaosSchedule
-from resilient_train.orchestrator import default_schedule
+from resilient_train.chaos.orchestrator import default_schedule
 
 CHAOS_TEST = REPO / "scripts" / "chaos_test.py"
 

@@ -37,8 +37,8 @@ from resilient_train.checkpoint import (
     step_dir_name,
     verify_files,
 )
-from resilient_train.model import build_model
 from resilient_train.monitor import read_history
+from resilient_train.tokenizer.model import build_model
 from resilient_train.verify import compare_checkpoints, compare_states
 from resilient_train.verify import main as verify_main
 

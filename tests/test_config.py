@@ -13,7 +13,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from resilient_train.config import to_plain, validate_config
-from resilient_train.model import build_model, model_kwargs
+from resilient_train.tokenizer.model import build_model, model_kwargs
 
 
 @pytest.mark.parametrize(

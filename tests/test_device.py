@@ -18,10 +18,14 @@ from conftest import REPO, compose_cfg, train_env
 from omegaconf import OmegaConf
 
 from resilient_train.checkpoint import committed, load_checkpoint
-from resilient_train.device import DeviceError, resolve_device
-from resilient_train.model import build_model
-from resilient_train.state import EMA, StateError
-from resilient_train.trainer import Trainer
+from resilient_train.config import typed
+from resilient_train.dist import Group
+from resilient_train.resume.admit import admit
+from resilient_train.tokenizer.model import build_model
+from resilient_train.train.device import DeviceError, resolve_device
+from resilient_train.train.env import capture_env
+from resilient_train.train.parts import EMA, StateError
+from resilient_train.train.trainer import Trainer
 
 META = torch.device("meta")
 EXIT_CONFIG_ERROR = 2
@@ -58,17 +62,18 @@ def test_trainer_keeps_every_tensor_on_its_device_through_construction_and_resto
     cfg = OmegaConf.create(loaded.state["config"])
 
     # Another kind of device than the checkpoint's: refused with the way out, unless allowed.
-    trainer = Trainer(cfg, tmp_path / "refused", device=META)
+    env = capture_env(META)
     with pytest.raises(StateError) as refused:
-        trainer.restore(loaded)
+        admit(loaded, typed(cfg), env=env, device=META, group=Group(), fingerprint=None)
     assert "trained on cpu" in str(refused.value) and "trainer.device=cpu" in str(refused.value)
     assert "resume.allow_config_change=true" in str(refused.value)
 
     cfg.resume.allow_config_change = True
+    changes = admit(loaded, typed(cfg), env=env, device=META, group=Group(), fingerprint=None)
+    assert any(c.startswith("env.device: 'cpu' -> 'meta'") for c in changes), changes
     trainer = Trainer(cfg, tmp_path / "meta", device=META)
-    trainer.restore(load_checkpoint(loaded.path))
+    trainer.restore(loaded)
     assert trainer.counters.step == loaded.step
-    assert any(c.startswith("env.device: 'cpu' -> 'meta'") for c in trainer.config_changes), trainer.config_changes
     placed = {
         **{f"model.{k}": t for k, t in trainer.model.state_dict().items()},
         **{f"ema.{k}": t for k, t in trainer.ema.state_dict().items()},

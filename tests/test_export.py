@@ -13,8 +13,8 @@ from conftest import REPO, train_env
 
 import resilient_train
 from resilient_train.checkpoint import committed, load_checkpoint
-from resilient_train.export import LOAD_SNIPPET
-from resilient_train.model import build_model
+from resilient_train.tokenizer.export import LOAD_SNIPPET
+from resilient_train.tokenizer.model import build_model
 
 ALONE = """
 import sys, torch
@@ -108,7 +108,7 @@ def test_tokenize_folders_into_codes_per_video_with_reconstructions(exported, tm
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from resilient_train.video import probe, write_video
+    from resilient_train.data import probe, write_video
 
     tok = exported
     videos = tmp_path / "videos"
@@ -149,7 +149,7 @@ def test_tokenize_folders_into_codes_per_video_with_reconstructions(exported, tm
     proc = subprocess.run([*ev, "--json"], capture_output=True, text=True, timeout=300, env=train_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout)
-    from resilient_train.metrics import codebook_stats, psnr, ssim
+    from resilient_train.tokenizer.metrics import codebook_stats, psnr, ssim
 
     with torch.no_grad():
         model = resilient_train.load_tokenizer(tok)

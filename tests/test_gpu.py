@@ -53,7 +53,7 @@ def test_cuda_run_split_and_resumed_ends_bit_identical_to_the_continuous_one(tmp
 def test_model_ema_optimizer_state_and_batches_live_on_the_gpu(tmp_path):
     from conftest import compose_cfg
 
-    from resilient_train.trainer import Trainer
+    from resilient_train.train.trainer import Trainer
 
     trainer = Trainer(compose_cfg(["+experiment=tiny", "trainer.device=cuda"]), tmp_path)
     trainer.train_step()

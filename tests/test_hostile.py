@@ -27,7 +27,7 @@ from resilient_train import verify
 from resilient_train.checkpoint import step_dir_name, verify_files
 from resilient_train.checkpoint.layout import committed
 from resilient_train.cli import REFUSALS, RunLock, start
-from resilient_train.resume import StartupError, resume_target
+from resilient_train.resume.plan import StartupError, resume_target
 
 EXIT_FAILED, EXIT_CONFIG_ERROR = 1, 2
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 from conftest import REPO
 
-from resilient_train.metrics import codebook_stats, psnr, ssim
 from resilient_train.monitor import read_history
+from resilient_train.tokenizer.metrics import codebook_stats, psnr, ssim
 
 
 def test_psnr_of_a_known_error():

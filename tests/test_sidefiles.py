@@ -35,8 +35,8 @@ from resilient_train.monitor import (
     read_history,
     truncate_history,
 )
-from resilient_train.observers import HeartbeatObserver, RankHeartbeatObserver
 from resilient_train.status import MAX_HEARTBEAT_BYTES, StatusError, format_status, run_status
+from resilient_train.train.observers import HeartbeatObserver, RankHeartbeatObserver
 
 MONITOR_LOG = "resilient_train.monitor"
 LAYOUT_LOG = "resilient_train.checkpoint.layout"

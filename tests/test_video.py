@@ -19,16 +19,17 @@ import torch
 from conftest import run_train
 
 from resilient_train.checkpoint import committed
-from resilient_train.data import build_data, build_loader
-from resilient_train.verify import compare_checkpoints
-from resilient_train.video import (
+from resilient_train.data import (
     VideoReadError,
+    build_data,
     build_folder_datasets,
+    build_loader,
     fingerprint_difference,
     in_val,
     list_videos,
     write_video,
 )
+from resilient_train.verify import compare_checkpoints
 
 
 def frames_of(n: int, h: int = 16, w: int = 16, seed: int = 0) -> np.ndarray:

@@ -13,9 +13,13 @@ for _k, _v in DETERMINISM_ENV.items():
 
 __version__ = "0.1.0"
 
+from . import _imports  # noqa: E402
+
+_imports.install()  # the old module paths (resilient_train.trainer, ...) for one more release
+
 
 def load_tokenizer(path, device="cpu"):
     """An exported tokenizer (``python -m resilient_train.export``), in eval mode; see :mod:`.export`."""
-    from .export import load_tokenizer as _load
+    from .tokenizer.export import load_tokenizer as _load
 
     return _load(path, device)

@@ -1,76 +1,12 @@
-"""``python -m resilient_train.evaluate --tokenizer DIR --data PATH... [--json]``: the training metrics, standalone.
+"""``python -m resilient_train.evaluate``: the command keeps this name; the code is
+:mod:`resilient_train.tokenizer.evaluate`. Importing other names from here works until 0.2, with a warning."""
 
-Every clip of the given videos or folders (cut as in training, :mod:`.video`) is encoded and
-decoded by the exported tokenizer; prints MSE, PSNR, SSIM, codebook usage and perplexity
-(:mod:`.metrics`) as a table, or one JSON object with ``--json``. Nothing is downloaded.
-"""
-
-from __future__ import annotations
-
-import argparse
-import json
 import sys
-from pathlib import Path
-from typing import Any
 
-import torch
+from ._imports import forward
+from .tokenizer import evaluate as _impl
 
-__all__ = ["evaluate_tokenizer", "main"]
-
-
-def evaluate_tokenizer(
-    tokenizer_dir: Path, data: list[Path], *, batch_size: int = 4, max_clips: int = 0, device: str = "cpu"
-) -> dict[str, Any]:
-    from .export import load_tokenizer, read_config
-    from .metrics import Reconstruction
-    from .video import Preprocessing, clips_of
-
-    cfg = read_config(tokenizer_dir)
-    c, vcff = cfg["clip"], bool(cfg["video_contains_first_frame"])
-    n = int(c["num_frames"])
-    clips, skipped = clips_of(data, Preprocessing(n, 1, n, int(c["image_size"]), int(c["channels"])))
-    model = load_tokenizer(tokenizer_dir, device)
-    metrics = Reconstruction(cfg["kwargs"]["fsq_levels"])
-    count = min(len(clips), max_clips) if max_clips else len(clips)
-    for b in range(0, count, batch_size):
-        video = torch.stack([clips[k] for k in range(b, min(b + batch_size, count))]).to(device)
-        with torch.no_grad():
-            quantized, codes = model.encode(video, quantize=True, video_contains_first_frame=vcff)
-            recon = model.decode(quantized, video_contains_first_frame=vcff)
-        metrics.add(video, recon, codes)
-    return {"clips": count, "files": len(clips.files), "skipped": skipped, **metrics.result()}
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m resilient_train.evaluate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--tokenizer", type=Path, required=True, help="a folder written by resilient_train.export")
-    p.add_argument("--data", type=Path, nargs="+", required=True, help="video files or folders")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--max-clips", type=int, default=0, help="evaluate at most this many clips (0: all)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    args = p.parse_args(argv)
-    try:
-        r = evaluate_tokenizer(
-            args.tokenizer, args.data, batch_size=args.batch_size, max_clips=args.max_clips, device=args.device
-        )
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if args.json:
-        print(json.dumps(r))
-        return 0
-    rows = [
-        ("clips", f"{r['clips']} from {r['files']} file(s)"),
-        ("MSE", f"{r['mse']:.6g}"),
-        ("PSNR", f"{r['psnr']:.2f} dB"),
-        ("SSIM", f"{r['ssim']:.4f}"),
-        ("codebook used", f"{100 * r['codebook_usage']:.2f}%"),
-        ("perplexity", f"{r['codebook_perplexity']:.1f}"),
-    ]
-    print("\n".join(f"{k + ':':<15}{v}" for k, v in rows))
-    return 0
-
+__getattr__ = forward(__name__, _impl)
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_impl.main())

@@ -76,6 +76,7 @@ def run_status(run_dir: str | os.PathLike, stale_after: float = 120.0) -> dict[s
     last_train_loss, last_train_step, last_val_loss, last_val_step, latest_checkpoint, best_checkpoint,
     heartbeat_time, heartbeat_age_secs, stale_after_secs.
     """
+    # Long on purpose: one reader per field of the status, each tolerant of hostile content.
     run = Path(run_dir)
     if not run.is_dir():
         raise StatusError(f"run directory {str(run)!r} does not exist")

@@ -3,7 +3,7 @@
 PATH is a checkpoint directory or a run directory (then every committed checkpoint in it). For
 each checkpoint, exactly what a resume checks before it trusts one: manifest, presence, sizes
 (before reading) and hashes of every file; safe loading (safetensors and JSON only); then the
-content (:mod:`resilient_train.checks`): the saved config valid, counters that agree (manifest
+content (:mod:`resilient_train.resume.checks`): the saved config valid, counters that agree (manifest
 step = trainer step = optimizer step count = scheduler step), every tensor shaped as the model the
 config builds, RNG states restorable, one data position. Then the model rebuilt from the saved
 config, weights loaded strictly, and a fixed input encoded to finite codes (``--no-model`` skips
@@ -19,28 +19,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .checkpoint import CheckpointError, load_checkpoint, verify_files
+from .checkpoint import CheckpointError, verify_files
+from .checkpoint.compare import compare_checkpoints, compare_states
 from .checkpoint.layout import checkpoints_under
-from .checks import check_checkpoint, saved_config
-from .config import flatten, is_resume_safe, to_plain
+from .config import to_plain
+from .resume.checks import check_checkpoint, saved_config
 
 __all__ = ["verify_checkpoint", "compare_checkpoints", "compare_states", "checkpoints_under", "main"]
-
-# State keys that do not describe the training state itself.
-IGNORED_STATE_KEYS = {"config_changes"}
 
 
 def verify_checkpoint(ckpt: Path, *, check_model: bool = True) -> dict[str, Any]:
     """Every check on one checkpoint; returns a result dict with ``ok`` and ``errors``.
 
-    The files (:func:`verify_files`) and their content (:func:`~resilient_train.checks.check_checkpoint`)
+    The files (:func:`verify_files`) and their content (:func:`~resilient_train.resume.checks.check_checkpoint`)
     are checked exactly as a resume checks them; ``check_model`` adds encoding a fixed input.
     """
     ckpt = Path(ckpt)
@@ -88,7 +85,7 @@ def verify_checkpoint(ckpt: Path, *, check_model: bool = True) -> dict[str, Any]
 def _encode_fixed_input(cfg: dict[str, Any], state: dict[str, Any]) -> dict[str, Any]:
     from omegaconf import OmegaConf
 
-    from .model import build_model
+    from .tokenizer.model import build_model
 
     mcfg = OmegaConf.create(cfg["model"])
     fork = torch.random.fork_rng(devices=[])
@@ -107,66 +104,6 @@ def _encode_fixed_input(cfg: dict[str, Any], state: dict[str, Any]) -> dict[str,
     if not (torch.isfinite(quantized).all() and torch.isfinite(recon).all()):
         raise ValueError("non-finite output for a fixed input")
     return {"shape": list(codes.shape), "unique": int(codes.unique().numel())}
-
-
-# -- comparison ------------------------------------------------------------------------------
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    t = t.detach().cpu().contiguous()
-    if t.dtype == torch.bool:
-        return t.to(torch.uint8)
-    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-    if t.is_complex() or t.element_size() not in ints:
-        return t.view(torch.uint8)
-    return t.view(ints[t.element_size()])
-
-
-def compare_states(a: Any, b: Any, path: str = "") -> str | None:
-    """The first difference between two states (bit for bit), or None if identical."""
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
-            return f"{path}: tensor vs {type(b if isinstance(a, torch.Tensor) else a).__name__}"
-        if a.dtype != b.dtype or a.shape != b.shape:
-            return f"{path}: dtype/shape {a.dtype}{tuple(a.shape)} vs {b.dtype}{tuple(b.shape)}"
-        diff = int((_bits(a) != _bits(b)).sum())
-        if diff:
-            return f"{path}: shape {tuple(a.shape)}, {diff} of {a.numel()} elements differ"
-        return None
-    if isinstance(a, dict) and isinstance(b, dict):
-        for k in sorted(set(a) | set(b), key=str):
-            if k not in a or k not in b:
-                return f"{path}/{k}: present in only one checkpoint"
-            d = compare_states(a[k], b[k], f"{path}/{k}")
-            if d:
-                return d
-        return None
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        if len(a) != len(b):
-            return f"{path}: length {len(a)} vs {len(b)}"
-        for i, (x, y) in enumerate(zip(a, b)):
-            d = compare_states(x, y, f"{path}/{i}")
-            if d:
-                return d
-        return None
-    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
-        return None
-    if a != b or type(a) is not type(b):
-        return f"{path}: {a!r} vs {b!r}"
-    return None
-
-
-def compare_checkpoints(a: Path, b: Path) -> str | None:
-    la, lb = load_checkpoint(a), load_checkpoint(b)
-    if la.step != lb.step:
-        return f"manifest/step: {la.step} vs {lb.step}"
-    sa, sb = la.state, lb.state
-    for s in (sa, sb):
-        for k in IGNORED_STATE_KEYS:
-            s.pop(k, None)
-        cfg = s.pop("config", {})
-        s["config"] = {k: v for k, v in flatten(cfg).items() if not is_resume_safe(k)}
-    return compare_states(sa, sb)
 
 
 # -- command line ----------------------------------------------------------------------------

@@ -34,6 +34,8 @@ _LAZY = {
     "verify_content": "files",
     "newest_valid": "files",
     "CheckpointManager": "manager",
+    "compare_checkpoints": "compare",
+    "compare_states": "compare",
 }
 
 __all__ = [

@@ -1,27 +1,18 @@
-"""The checkpoint manager: when to save, atomic commit, retention, the best pointer.
+"""The checkpoint manager: when to save, sync or async saves, retention, the best pointer, save hooks.
 
 It knows nothing of MAGVIT: callers hand it a dict of state dicts (``{"model": ..., "optim":
 ...}``) and name the flat tensor groups that get their own safetensors file, plus the state this
 rank owns (RNG, data position), written under ``ranks/<rank>/``.
 
-With ranks, a save is one commit across processes (rank 0 is the only committer):
-
-1. rank 0 makes a fresh temporary folder and tells the ranks its name;
-2. every rank writes and fsyncs its own files there (rank 0 also the shared ones) and sends rank 0
-   its vote: the files' sizes and hashes, a digest of the replicated state, its data position, or
-   the error it hit;
-3. rank 0 checks every vote (every rank present, replicated digests equal, positions equal),
-   writes the manifest listing every rank's files, renames the folder, fsyncs the parent, and tells
-   the ranks the verdict; a refused or failed commit raises on every rank.
-
-Only rank 0 cleans leftovers, purges and moves the best pointer. A death before the rename
-leaves only a temporary folder, ignored and removed at the next start; after it, a complete one.
+Each save is written and committed by :func:`~.commit.commit_save` (with ranks, one commit across
+processes, rank 0 the only committer: see :mod:`.commit`); an async save first copies the state to
+CPU memory (:class:`~.snapshot.Snapshot`) and commits on a background thread. The hooks
+(:data:`SaveHook`) are told every save phase. Only rank 0 cleans leftovers, purges and moves the
+best pointer.
 """
 
 from __future__ import annotations
 
-import ctypes
-import itertools
 import json
 import logging
 import os
@@ -32,16 +23,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
 from ..dist import Group
-from ..fsio import TMP_PREFIX, atomic_write, fsync_dir, write_durable
-from . import hashing, tree
-from .atomic import commit_dir, remove_dir_safely
-from .files import FileWriter, iter_files, rank_files
+from ..fsio import TMP_PREFIX, atomic_write
+from .atomic import remove_dir_safely
+from .commit import commit_save, temporary_prefix
 from .layout import BEST_POINTER, SAVE_PHASES, TRASH_PREFIX, committed, read_best, rebuild_best, step_dir_name
-from .manifest import MANIFEST, RANKS_DIR, CheckpointError, manifest_bytes
+from .manifest import MANIFEST, CheckpointError
+from .snapshot import Snapshot
 
 __all__ = ["CheckpointManager", "SAVE_PHASES", "SaveHook", "SaveError"]
 
@@ -88,7 +76,7 @@ class CheckpointManager:
         self.hooks = tuple(hooks)
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
-        self._snapshot = _Snapshot()
+        self._snapshot = Snapshot()
         self.last_saved: Path | None = None
         self.last_save_secs: float = 0.0
 
@@ -231,7 +219,7 @@ class CheckpointManager:
     def _discard_temporaries(self, step: int) -> None:
         if not self.group.is_main or not self.root.is_dir():
             return
-        for p in self.root.glob(f"{TMP_PREFIX}{step_dir_name(step)}-{os.getpid()}-*"):
+        for p in self.root.glob(f"{temporary_prefix(step)}*"):
             shutil.rmtree(p, ignore_errors=True)
 
     def _write_commit(
@@ -244,108 +232,24 @@ class CheckpointManager:
         on_commit: Callable[[Path], None] | None,
         t0: float,
     ) -> None:
-        g = self.group
-        final = self.root / step_dir_name(step)
-        tmp_name = None
-        if g.is_main:
-            self.root.mkdir(parents=True, exist_ok=True)
-            tmp_name = f"{TMP_PREFIX}{final.name}-{os.getpid()}-{time.monotonic_ns()}"  # never reused
-            (self.root / tmp_name).mkdir()
-        tmp = self.root / g.broadcast(tmp_name)
-        vote, failure = self._write_files(step, tmp, state, rank_state, tensor_groups)
-        votes = g.gather(vote)
-        verdict: dict[str, Any] = {}
-        if g.is_main:
-            try:
-                entries = self._check_votes(step, votes)
-                metadata = {**metadata, **g.describe()}
-                if g.distributed:
-                    metadata["replicated_digest"] = votes[0]["digest"]
-                    fsync_dir(tmp / RANKS_DIR)
-                # The manifest goes last: its presence inside the directory means every file it lists
-                # is complete and fsync'd, and it carries each file's hash for later verification.
-                write_durable(tmp / MANIFEST, manifest_bytes(step, entries, metadata))
-                self._phase("before_rename", step, tmp)
-                commit_dir(tmp, final)
-                self._phase("after_rename", step, final)
-                verdict = {"ok": True, "bytes": sum(e["size"] for e in entries.values())}
-            except Exception as exc:
-                if not g.distributed:
-                    raise
-                verdict = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
-        verdict = g.broadcast(verdict)
-        if failure is not None:
-            raise failure
-        if not verdict["ok"]:
-            raise CheckpointError(f"checkpoint step {step} not committed: {verdict['error']}")
+        final, nbytes = commit_save(
+            self.group,
+            self.root,
+            step,
+            state,
+            rank_state=rank_state,
+            tensor_groups=tensor_groups,
+            metadata=metadata,
+            phase=self._phase,
+        )
         secs = time.perf_counter() - t0
         self.last_saved, self.last_save_secs = final, secs
-        if not g.is_main:
+        if not self.group.is_main:
             return
-        log.info("ckpt.save step=%d path=%s secs=%.3f bytes=%d", step, final, secs, verdict["bytes"])
+        log.info("ckpt.save step=%d path=%s secs=%.3f bytes=%d", step, final, secs, nbytes)
         if on_commit is not None:
             on_commit(final)
         self.purge()
-
-    def _write_files(
-        self,
-        step: int,
-        tmp: Path,
-        state: dict[str, Any],
-        rank_state: dict[str, Any] | None,
-        tensor_groups: tuple[str, ...],
-    ) -> tuple[dict[str, Any], BaseException | None]:
-        """This rank's files, written and fsync'd: its vote for rank 0, and the error it hit (if any)."""
-        g = self.group
-        vote: dict[str, Any] = {"rank": g.rank}
-        try:
-            # The files are written, hashed and fsync'd on worker threads, each starting as soon as it
-            # is planned. One file comes first and alone, so "files_partial" sees exactly one file;
-            # entries() returns once every file is complete and fsync'd.
-            payloads = iter_files(state, tensor_groups) if g.is_main else iter(())
-            if rank_state is not None:
-                (tmp / RANKS_DIR / str(g.rank)).mkdir(parents=True, exist_ok=True)
-                payloads = itertools.chain(payloads, rank_files(rank_state, g.rank))
-            with FileWriter(tmp) as writer:
-                first = next(payloads, None)
-                if first is not None:
-                    writer.write_now(first)
-                self._phase("files_partial", step, tmp)
-                for payload in payloads:
-                    writer.write(payload)
-                vote["entries"] = writer.entries()
-            if rank_state is not None:
-                fsync_dir(tmp / RANKS_DIR / str(g.rank))
-                vote["position"] = _position(rank_state)
-            if g.distributed:
-                vote["digest"] = replicated_digest(state)
-            self._phase("files_written", step, tmp)
-        except Exception as exc:
-            if not g.distributed:
-                raise
-            return {"rank": g.rank, "error": f"{type(exc).__name__}: {exc}"}, exc
-        return vote, None
-
-    def _check_votes(self, step: int, votes: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-        """Rank 0: every rank wrote its files, and the ranks agree on the replicated state and position."""
-        failed = [f"rank {v['rank']}: {v['error']}" for v in votes if "error" in v]
-        if failed:
-            raise CheckpointError("ranks failed to write their files: " + "; ".join(failed))
-        if self.group.distributed:
-            digests = {v["rank"]: v["digest"] for v in votes}
-            if len(set(digests.values())) > 1:
-                odd = [r for r, d in digests.items() if d != digests[0]]
-                raise CheckpointError(
-                    f"ranks {odd} hold replicated state (weights, optimizers, counters) that differs from "
-                    f"rank 0's at step {step}: the ranks have diverged (a bug); commit refused"
-                )
-            positions = {v["rank"]: v.get("position") for v in votes}
-            if len({json.dumps(p, sort_keys=True) for p in positions.values()}) > 1:
-                raise CheckpointError(f"ranks disagree on the data position at step {step}: {positions}")
-        entries: dict[str, dict[str, Any]] = {}
-        for v in votes:
-            entries.update(v["entries"])
-        return entries
 
     # -- retention --------------------------------------------------------------------------
 
@@ -375,86 +279,3 @@ class CheckpointManager:
                 log.info("ckpt.purge path=%s keep_last=%d", path, self.keep_last)
                 removed.append(path)
         return removed
-
-
-class _Snapshot:
-    """CPU copies of a state's tensors for an async save, into buffers reused from the previous snapshot.
-
-    Reuse is safe because a snapshot is only taken after the previous save has finished (``save``
-    calls ``wait`` first), so nothing reads the old copies any more. Two costs are avoided: a fresh
-    allocation pays a page fault on every page (and, with deterministic algorithms on, a NaN fill),
-    and torch's multi-threaded ``copy_`` hands every tensor to its thread pool, which on a busy
-    machine waits a scheduler tick per tensor. Contiguous CPU tensors are copied with one plain
-    ``memmove`` each instead (it releases the GIL). GPU tensors are copied into page-locked buffers
-    without waiting for each copy, then once for all of them.
-    """
-
-    def __init__(self) -> None:
-        self._buffers: list[torch.Tensor] = []
-        self._from_gpu = False
-
-    @property
-    def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self._buffers)
-
-    def copy(self, state: Any) -> Any:
-        old, self._buffers, self._from_gpu = self._buffers, [], False
-        out = self._copy(state, old)
-        if self._from_gpu:
-            torch.cuda.synchronize()  # every copy has landed before the writer thread reads a buffer
-        return out
-
-    def _copy(self, obj: Any, old: list[torch.Tensor]) -> Any:
-        if isinstance(obj, torch.Tensor):
-            i = len(self._buffers)
-            buf = old[i] if i < len(old) else None
-            if buf is None or buf.dtype != obj.dtype or buf.shape != obj.shape:
-                buf = _cpu_buffer(obj)
-            if obj.is_cpu and obj.is_contiguous() and not (obj.is_conj() or obj.is_neg()):
-                ctypes.memmove(buf.data_ptr(), obj.data_ptr(), buf.nbytes)
-            elif obj.is_cuda:
-                buf.copy_(obj.detach(), non_blocking=buf.is_pinned())
-                self._from_gpu = True
-            else:
-                buf.copy_(obj.detach())
-            self._buffers.append(buf)
-            return buf
-        if isinstance(obj, dict):
-            return {k: self._copy(v, old) for k, v in obj.items()}
-        if isinstance(obj, list):
-            return [self._copy(v, old) for v in obj]
-        if isinstance(obj, tuple):
-            return tuple(self._copy(v, old) for v in obj)
-        return obj
-
-
-def _cpu_buffer(like: torch.Tensor) -> torch.Tensor:
-    """An uninitialised contiguous CPU tensor shaped like ``like`` (never NaN-filled: it is overwritten)."""
-    nbytes = like.numel() * like.element_size()
-    if like.device.type == "cuda":  # page-locked: the copy from the GPU need not wait
-        return torch.empty(like.shape, dtype=like.dtype, device="cpu", pin_memory=True)
-    if like.device.type != "cpu" or not nbytes:
-        return torch.empty(like.shape, dtype=like.dtype, device="cpu")
-    return torch.from_numpy(np.empty(nbytes, dtype=np.uint8)).view(like.dtype).reshape(like.shape)
-
-
-def _position(rank_state: dict[str, Any]) -> Any:
-    data = rank_state.get("data") if isinstance(rank_state, dict) else None
-    return data if isinstance(data, dict) else None
-
-
-def replicated_digest(state: dict[str, Any]) -> str:
-    """A hash of the state every rank holds the same copy of (the environment aside: devices differ).
-
-    The committer compares the ranks' digests: ranks whose weights or optimizer moments differ have
-    diverged, and a checkpoint of rank 0's copy would hide it.
-    """
-    skeleton, tensors = tree.encode({k: v for k, v in state.items() if k != "env"})
-    digest = hashing.new()
-    digest.update(json.dumps(skeleton, sort_keys=True, default=str).encode())
-    for name in sorted(tensors):
-        t = tensors[name].detach().cpu().contiguous()
-        digest.update(name.encode())
-        if t.numel():
-            digest.update(t.reshape(-1).view(torch.uint8).numpy())
-    return hashing.entry_value(hashing.ALGORITHM, digest.hexdigest())

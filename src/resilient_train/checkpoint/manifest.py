@@ -126,6 +126,7 @@ def read_manifest(ckpt: Path) -> dict[str, Any]:
 
     Raises :class:`FileNotFoundError` when ``ckpt`` is not a folder, :class:`CheckpointError` otherwise.
     """
+    # Long on purpose: each field of the manifest checked in turn, each with its own message.
     ckpt = Path(ckpt)
     if not ckpt.is_dir():
         raise FileNotFoundError(f"checkpoint directory not found: {ckpt}")

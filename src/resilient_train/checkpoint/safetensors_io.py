@@ -9,7 +9,7 @@ The files are plain safetensors, readable by ``safetensors.torch.load`` and by e
 this package. Tensors of a type outside :data:`_ST_DTYPES`, or a big-endian machine, send the whole
 file through the safetensors library instead; a file the fast reader does not fully understand is
 read the original way (:func:`load_safetensors`: whole file, safetensors library), which also
-gives the original error messages. See ``scripts/bench.py`` for the speed.
+gives the original error messages. See ``benchmarks/hash_throughput.py`` (``make bench``) for the speed.
 """
 
 from __future__ import annotations

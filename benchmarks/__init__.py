@@ -1,0 +1,44 @@
+"""`make bench`: what the durable checkpoints and the training loop cost, measured side by side.
+
+Every ratio compares our code with a baseline measured in the same run, on the same state, with
+the repetitions of the two interleaved (the order rotates each repetition) and the median taken,
+so load from other processes on the machine hits both sides alike. The state is the magvit64
+job's (``Trainer.state_dict()`` after one optimizer step, so AdamW moments exist).
+
+  save_vs_raw_fsync        CheckpointManager.save (sync) / the same encoded bytes written with
+                           plain os.write + fsync per file (no directory fsync, no hashing)
+  save_vs_torch_save       ... / torch.save(state, one_file) (no fsync: not durable)
+  save_vs_magvit2_trainer  ... / magvit2_pytorch VideoTokenizerTrainer.save() on the same model
+  load_vs_raw_read         load_checkpoint (manifest, sizes, hashes, safe parse) / reading the
+                           same files into memory
+  loop_vs_bare_tiny        steps/s of Trainer.fit (no checkpoints, no eval inside the window) /
+  loop_vs_bare_magvit64    steps/s of a bare loop over the same model, data and optimizers
+  async_stall_vs_sync      time Trainer.save_checkpoint blocks the loop with async_save / without;
+                           printed beside it, the floor: one plain copy of the same bytes / without
+  resume_vs_fresh_start    process start -> first trained step of the magvit64 job (65.5 MB state)
+                           via `python -m resilient_train.cli`, resuming / starting fresh
+  save_every_step_vs_never_tiny, save_every_step_vs_never_magvit64
+                           wall time of Trainer.fit checkpointing every step (async) / never
+  folder_vs_synthetic_tiny, folder_vs_synthetic_magvit64
+                           steps/s of Trainer.fit on a folder of real h264 videos (data.cache=disk, warm)
+                           / on synthetic clips of the same shape; beside it, the cold first pass over
+                           the folder (decode, resize, cache write) and a warm pass, per clip
+  ranks2_vs_1_steps_per_s  tiny, the same global batch (4 clips a step): steps/s of 2 ranks under
+                           torchrun (1 thread each, DDP over gloo) / steps/s of 1 process (2 threads);
+                           on one machine both use the same 2 cores for the same arithmetic: 1.0 is
+                           parity, below it is the cost of the gradient exchange and the per-step
+                           stop-flag all-reduce, above it the 2-thread process scaling worse than 2
+                           single-thread ranks (more cores would let the ranks run truly in parallel)
+  ranks2_vs_1_save_s       seconds of a checkpoint save (rank 0's ckpt.save line) at 2 ranks / at 1:
+                           the commit round trip (broadcast, gather of the votes, verdict)
+
+Writes a JSON report (``--out``, default ``outputs/bench/bench.json`` under the working directory)
+with the ratios, the absolute seconds and bytes behind each, every sample, and the machine.
+``--quick`` runs fewer repetitions.
+
+``python -m benchmarks`` runs it (:mod:`benchmarks.run`: ``--quick``, ``--out``, ``--only``). One module a
+measurement: ``save_load`` (save_*, load_*), ``hash_throughput`` (GB/s of each hash, no ratio),
+``async_stall``, ``loop`` (loop_vs_bare_*, save_every_step_vs_never_*), ``resume``, ``folder``, ``ranks``;
+beside them ``timing`` (how everything is timed), ``report`` (targets, table, JSON) and ``jobs`` (what they
+run). ``python -m benchmarks.gpu`` is the GPU bench of ``scripts/gpu_check.sh``.
+"""

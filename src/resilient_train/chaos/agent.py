@@ -1,0 +1,161 @@
+"""Chaos mode: the trainer kills, preempts and corrupts itself on a seeded schedule.
+
+Imported by the trainer only when ``chaos.enabled=true``. The schedule is a pure function of
+``chaos.seed``, the event kind and the step (and, for kills inside a save, the save phase), so a
+failure can be replayed. Each event is appended to ``<run_dir>/chaos_events.jsonl`` and fsync'd
+*before* it is carried out, and fires at most once per run directory: a resumed run that replays
+a step does not die there again.
+
+With ranks, the schedule also picks the victim rank of each event (a pure function of the seed,
+the kind and the step): only the victim kills itself, sends itself SIGTERM, or damages a file (its
+own files of the newest checkpoint). A kill before the rename may strike any rank; a kill at
+``before_rename`` or ``after_rename`` strikes rank 0, the committer. Each rank appends to its own
+``chaos_events.rank<r>.jsonl``; every rank reads all of them, so nothing fires twice after torchrun
+restarts the group.
+
+Chaos never draws from the process-global RNGs, so it cannot change the bits of training. The
+schedule itself is :mod:`.schedule` (torch-free: the orchestrator uses it).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from ..checkpoint.layout import committed
+from ..train.observers import Observer
+from .schedule import ChaosSchedule, corrupt_checkpoint, events_file, read_events
+
+__all__ = ["Chaos"]
+
+log = logging.getLogger(__name__)
+
+
+class Chaos(Observer):
+    """The trainer-side agent that carries out the schedule: a step observer and a save hook.
+
+    Also the home of the two seams the tests need, so that no production object has one:
+    ``chaos.hold_phase`` parks the checkpoint writer at a save phase (a test then SIGKILLs it
+    there), and ``chaos.skip_restore`` is the negative control, which damages the *loaded* state
+    before the trainer sees it, so the proof can be shown to fail.
+    """
+
+    def __init__(self, cfg: Any, run_dir: Path, group: Any = None) -> None:
+        self.schedule = ChaosSchedule(cfg)
+        self.run_dir = Path(run_dir)
+        self.rank = group.rank if group is not None else 0
+        self.world_size = group.world_size if group is not None else 1
+        self.skip_restore = str(cfg.skip_restore)
+        phase, _, step = str(cfg.hold_phase).partition("@")
+        self.hold = (phase, int(step) if step else None) if phase else None
+        self.fired = {(e.get("kind"), e.get("step")) for e in read_events(self.run_dir)}
+        log.info(
+            "chaos.enabled seed=%d rates=%s already_fired=%d", self.schedule.seed, self.schedule.rates, len(self.fired)
+        )
+
+    def _due(self, kind: str, step: int) -> bool:
+        """The event is scheduled, has not fired yet in this run, and strikes this rank."""
+        return (
+            (kind, step) not in self.fired
+            and self.schedule.fires(kind, step)
+            and self.schedule.victim(kind, step, self.world_size) == self.rank
+        )
+
+    def _record(self, kind: str, step: int, **extra: Any) -> None:
+        event = {"kind": kind, "step": step, "time": time.time(), "pid": os.getpid(), **extra}
+        if self.world_size > 1:
+            event["rank"] = self.rank
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.run_dir / events_file(self.rank, self.world_size), "a") as f:
+            f.write(json.dumps(event) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.fired.add((kind, step))
+        detail = " ".join(f"{k}={v}" for k, v in extra.items())
+        log.warning("chaos.%s step=%d rank=%d %s", kind, step, self.rank, detail)
+
+    @staticmethod
+    def _die() -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(60)  # not reached
+
+    def on_resume(self, trainer: Any, state: dict[str, Any]) -> None:
+        """Negative control: drop one restored part from the loaded state, so the proof must fail.
+
+        With ranks it strikes the last rank alone: ``rng`` keeps its generators as they are, ``data``
+        shifts the clips it reads by one (its position stays right, so the ranks still agree on it).
+        """
+        if not self.skip_restore or self.rank != self.world_size - 1:
+            return
+        rank = state.get("ranks", {}).get(str(trainer.rank.rank))
+        if not isinstance(rank, dict):
+            return  # nothing to drop; the restore reports what is missing
+        if self.skip_restore == "data" and self.world_size > 1:
+            log.warning(
+                "chaos.skip_restore=data: rank %d reads its data slice shifted by one (negative control)", self.rank
+            )
+            trainer.train_ds = _Shifted(trainer.train_ds)
+            return
+        if self.skip_restore == "rng":
+            log.warning("chaos.skip_restore=rng: NOT restoring RNG state (negative control)")
+            rank["rng"] = trainer.rank.rng.state_dict()  # the generators as they are now: nothing restored
+        elif self.skip_restore == "data":
+            log.warning("chaos.skip_restore=data: NOT restoring the data position (negative control)")
+            step = int(state["trainer"]["step"])
+            rank["data"] = {"epoch": step * trainer.accum // trainer.batches_per_epoch, "batch_in_epoch": 0}
+
+    def on_step(self, trainer: Any, record: dict[str, Any]) -> None:
+        """After the optimizer step, before the step's checkpoint."""
+        step = record["step"]
+        if self._due("step_kill", step):
+            self._record("step_kill", step)
+            self._die()
+        if self._due("sigterm", step):
+            self._record("sigterm", step)
+            os.kill(os.getpid(), signal.SIGTERM)  # the graceful path: save, then exit 75
+
+    def save_hook(self, phase: str, step: int, where: Path) -> None:
+        """Called by the checkpoint manager at each save stage (maybe on the background thread)."""
+        if self.hold is not None and self.hold[0] == phase and self.hold[1] in (None, step):
+            (where.parent / f".held-{phase}-{step}").write_text(str(where))
+            log.warning("ckpt.hold phase=%s step=%d path=%s (chaos.hold_phase)", phase, step, where)
+            while True:
+                time.sleep(1)
+        if self._due("save_kill", step) and self.schedule.save_phase(step) == phase:
+            self._record("save_kill", step, phase=phase, path=str(where))
+            self._die()
+
+    def on_saved(self, trainer: Any, record: dict[str, Any]) -> None:
+        """After the step's checkpoint (if any): damage the newest committed one, then crash."""
+        step = record["step"]
+        if not self._due("corrupt", step):
+            return
+        trainer.ckpt.wait()
+        found = committed(trainer.ckpt.root)
+        if not found:
+            return
+        how = self.schedule.corruption(step)
+        target = found[-1]
+        self._record("corrupt", step, how=how, path=str(target))
+        mine = self.rank if self.world_size > 1 else None  # with ranks: one of the victim's own files
+        name = corrupt_checkpoint(target, how, seed=self.schedule.seed + step, rank=mine)
+        log.warning("chaos.corrupted path=%s file=%s how=%s", target, name, how)
+        self._die()
+
+
+class _Shifted:
+    """A dataset whose clip ``i`` is the original's ``i + 1`` (the data negative control with ranks)."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.dataset[(index + 1) % len(self.dataset)]

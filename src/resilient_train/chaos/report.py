@@ -1,0 +1,193 @@
+"""The chaos proof's comparison and report: both arms' results compared bit for bit, and what is written about it.
+
+Owns: the comparison of the two arms of a trial (:func:`compare_arms`: final checkpoints with
+:func:`resilient_train.checkpoint.compare_checkpoints`, every rank's per-step losses with
+:func:`compare_histories`, the best pointers); ``report.md`` (:func:`markdown`); a trial's
+``loss.png`` (:func:`plot`); and the small readers of a run directory's files the orchestrator
+needs (:func:`last_step`, :func:`checkpoint_every`, :func:`group_restarts`).
+
+Importing this module does not import torch (the checkpoint comparison imports it when it runs)
+nor matplotlib (the plot imports it when it draws).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..checkpoint.layout import CHECKPOINTS_DIR, read_best
+from ..monitor import read_history
+
+__all__ = [
+    "DIFFERENCES",
+    "compare_arms",
+    "compare_histories",
+    "markdown",
+    "plot",
+    "last_step",
+    "checkpoint_every",
+    "group_restarts",
+]
+
+#: The keys of :func:`compare_arms`'s answer that name a difference; a trial is identical when all are None.
+DIFFERENCES = ("checkpoint_difference", "history_difference", "best_difference")
+
+
+def compare_histories(ref: list[dict[str, Any]], other: list[dict[str, Any]], steps: int) -> str | None:
+    """The first step whose train loss differs, or at which a step is missing or repeated."""
+
+    def by_step(records: list[dict[str, Any]], kind: str) -> dict[int, list[dict[str, Any]]]:
+        out: dict[int, list[dict[str, Any]]] = {}
+        for r in records:
+            if r.get("kind") == kind:
+                out.setdefault(int(r["step"]), []).append(r)
+        return out
+
+    for kind, keys in (("train", ("loss", "recon_loss", "discr_loss", "lr")), ("eval", ("val_loss",))):
+        a, b = by_step(ref, kind), by_step(other, kind)
+        for step in sorted(set(a) | set(b)):
+            ra, rb = a.get(step, []), b.get(step, [])
+            if len(rb) != len(ra):
+                return f"step {step}: {kind} record appears {len(ra)}x in the reference, {len(rb)}x after chaos"
+            for x, y in zip(ra, rb):
+                for k in keys:
+                    if x.get(k) != y.get(k):
+                        return f"step {step}: {kind} {k} {x.get(k)!r} (reference) vs {y.get(k)!r} (chaos)"
+    train_steps = sorted(int(r["step"]) for r in other if r.get("kind") == "train")
+    if train_steps != list(range(1, steps + 1)):
+        return f"chaos arm logged train steps {train_steps[:5]}... not exactly 1..{steps}"
+    return None
+
+
+def compare_arms(
+    ref_dir: Path, chaos_dir: Path, ref_ckpt: Path, chaos_ckpt: Path, *, nproc: int, steps: int
+) -> dict[str, Any]:
+    """The first difference (None where there is none) between the arms' final checkpoints ``ref_ckpt`` and
+    ``chaos_ckpt``, their per-step losses (rank 0's history, then every other rank's) and their best
+    pointers; and the step at which the losses first differ."""
+    # torch: only once the arms are run and compared, so that importing this module stays light.
+    from ..checkpoint import compare_checkpoints
+
+    ckpt_diff = compare_checkpoints(ref_ckpt, chaos_ckpt)
+    hist_diff = None
+    for rank in range(nproc):  # rank 0's history.jsonl, then every other rank's own losses
+        where = (lambda d: d) if rank == 0 else (lambda d, r=rank: d / "ranks" / str(r))
+        diff = compare_histories(read_history(where(ref_dir)), read_history(where(chaos_dir)), steps)
+        if diff is not None:
+            hist_diff = diff if rank == 0 else f"rank {rank}: {diff}"
+            break
+    best = [_best(d) for d in (ref_dir, chaos_dir)]
+    best_diff = None if best[0] == best[1] else f"best pointer {best[0]} (reference) vs {best[1]} (chaos)"
+    return {
+        "checkpoint_difference": ckpt_diff,
+        "history_difference": hist_diff,
+        "best_difference": best_diff,
+        "first_diverging_step": _first_step(hist_diff),
+    }
+
+
+# -- a run directory's files -------------------------------------------------------------------
+
+
+def group_restarts(log_path: Path) -> int:
+    """Times torchrun restarted the group within its launches (rank 0 joined a group with restart > 0)."""
+    text = log_path.read_text(errors="replace") if log_path.exists() else ""
+    return sum(1 for line in text.splitlines() if "dist.init rank=0 " in line and " restart=0 " not in line)
+
+
+def checkpoint_every(run_dir: Path) -> int:
+    """The run's ``checkpoint.every_n_steps``, from the ``config.yaml`` it wrote."""
+    import yaml
+
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    return int(cfg["checkpoint"]["every_n_steps"])
+
+
+def _best(run_dir: Path) -> Any:
+    best = read_best(run_dir / CHECKPOINTS_DIR)
+    return best.get("step") if best else None
+
+
+def _first_step(diff: str | None) -> int | None:
+    if diff and diff.startswith("step "):
+        return int(diff.split(":")[0].split()[1])
+    return None
+
+
+def last_step(run_dir: Path) -> int | None:
+    """The last train step the run logged (None before its first)."""
+    hist = [r for r in read_history(run_dir) if r.get("kind") == "train"]
+    return int(hist[-1]["step"]) if hist else None
+
+
+# -- what is written -----------------------------------------------------------------------------
+
+
+def plot(path: Path, ref_dir: Path, chaos_dir: Path, events: list[dict[str, Any]], trial: int) -> None:
+    """A trial's ``loss.png``: both arms' train losses, each event a dotted line at its step."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(9, 4.5), dpi=100)
+    ax = fig.add_subplot(1, 1, 1)
+    for run_dir, label, style in ((ref_dir, "reference (uninterrupted)", "-"), (chaos_dir, "chaos (killed)", "--")):
+        recs = [r for r in read_history(run_dir) if r.get("kind") == "train"]
+        ax.plot([r["step"] for r in recs], [r["loss"] for r in recs], style, label=label, linewidth=1.2)
+    colors = {
+        "step_kill": "red",
+        "save_kill": "purple",
+        "sigterm": "orange",
+        "corrupt": "brown",
+        "external_kill": "black",
+    }
+    seen = set()
+    for e in events:
+        if e.get("step") is None:
+            continue
+        kind = e["kind"]
+        ax.axvline(
+            e["step"],
+            color=colors.get(kind, "gray"),
+            linestyle=":",
+            linewidth=1,
+            label=kind if kind not in seen else None,
+        )
+        seen.add(kind)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("train loss")
+    ax.set_yscale("log")
+    ax.set_title(f"chaos trial {trial}: both arms, kills marked")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """``report.md``: the verdict, then each trial's events and differences."""
+    lines = [
+        f"# Chaos test: {'IDENTICAL' if report['identical'] else 'DIFFERENT'}",
+        "",
+        f"- experiment: `{report['experiment']}`, steps: {report['steps']}, trials: {len(report['trials'])}, "
+        f"ranks: {report.get('nproc', 1)}",
+        f"- restarts: {report['restarts']}, events: {len(report['events'])}",
+        "",
+    ]
+    for t in report["trials"]:
+        lines += [f"## Trial {t['trial']}: {'identical' if t['identical'] else 'DIFFERENT'}", ""]
+        if t.get("error"):
+            lines += [f"error: {t['error']}", ""]
+            continue
+        lines += ["| step | event | rank | detail |", "| ---: | --- | ---: | --- |"]
+        for e in t["events"]:
+            detail = e.get("phase") or e.get("how") or ""
+            lines.append(f"| {e['step']} | {e['kind']} | {e.get('rank', 0)} | {detail} |")
+        lines += [
+            "",
+            f"- restarts: {t['restarts']}, exit codes: {t['exit_codes']}",
+            f"- final checkpoints: {t['checkpoint_difference'] or 'identical, bit for bit'}",
+            f"- per-step losses: {t['history_difference'] or 'identical at every step'}",
+            f"- best pointer: {t['best_difference'] or 'same step'}",
+            f"- time: reference {t['reference']['secs']} s, chaos arm {t['chaos']['secs']} s",
+            f"- plot: `trial_{t['trial']}/loss.png`",
+            "",
+        ]
+    return "\n".join(lines)

@@ -1,0 +1,104 @@
+"""The fault schedule, the events it records and the damage it does; torch-free (the orchestrator uses it).
+
+The schedule is a pure function of ``chaos.seed``, the event kind and the step (and, for kills
+inside a save, the save phase), so a failure can be replayed. With ranks it also picks the victim
+rank of each event: a kill before the rename may strike any rank; a kill at ``before_rename`` or
+``after_rename`` strikes rank 0, the committer. Each event is appended to
+``<run_dir>/chaos_events.jsonl`` (``chaos_events.rank<r>.jsonl`` with ranks) before it is carried out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+from ..checkpoint.layout import SAVE_PHASES
+
+__all__ = ["ChaosSchedule", "EVENT_KINDS", "EVENTS_FILE", "events_file", "read_events", "corrupt_checkpoint"]
+
+EVENTS_FILE = "chaos_events.jsonl"
+EVENT_KINDS = ("step_kill", "save_kill", "sigterm", "corrupt")
+#: Save phases only rank 0 (the committer) reaches.
+COMMITTER_PHASES = ("before_rename", "after_rename")
+
+
+def _rng(seed: int, kind: str, step: int) -> random.Random:
+    digest = hashlib.sha256(f"{seed}:{kind}:{step}".encode()).digest()
+    return random.Random(int.from_bytes(digest[:8], "little"))
+
+
+class ChaosSchedule:
+    """Which events the schedule holds at a step: a pure function of (seed, kind, step)."""
+
+    def __init__(self, cfg: Any) -> None:
+        self.seed = int(cfg.seed)
+        self.rates = {k: float(getattr(cfg, f"{k}_rate")) for k in EVENT_KINDS}
+        self.steps = {k: {int(s) for s in getattr(cfg, f"{k}_steps")} for k in EVENT_KINDS}
+
+    def fires(self, kind: str, step: int) -> bool:
+        return step in self.steps[kind] or _rng(self.seed, kind, step).random() < self.rates[kind]
+
+    def save_phase(self, step: int) -> str:
+        """The save stage at which a ``save_kill`` at ``step`` strikes."""
+        return _rng(self.seed, "save_phase", step).choice(SAVE_PHASES)
+
+    def corruption(self, step: int) -> str:
+        return _rng(self.seed, "corruption", step).choice(("flip_byte", "truncate"))
+
+    def victim(self, kind: str, step: int, world_size: int) -> int:
+        """The rank an event strikes (always 0 with one rank; the committer for the late save phases)."""
+        if world_size <= 1 or (kind == "save_kill" and self.save_phase(step) in COMMITTER_PHASES):
+            return 0
+        return _rng(self.seed, f"victim:{kind}", step).randrange(world_size)
+
+    def events(self, max_step: int) -> list[dict[str, Any]]:
+        """The whole schedule up to ``max_step`` (for reports and reproducibility tests)."""
+        out = []
+        for step in range(1, max_step + 1):
+            for kind in EVENT_KINDS:
+                if self.fires(kind, step):
+                    ev = {"kind": kind, "step": step}
+                    if kind == "save_kill":
+                        ev["phase"] = self.save_phase(step)
+                    out.append(ev)
+        return out
+
+
+def events_file(rank: int, world_size: int) -> str:
+    return EVENTS_FILE if world_size <= 1 else f"chaos_events.rank{rank}.jsonl"
+
+
+def read_events(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """Every event recorded in the run (``chaos_events.jsonl`` and every rank's file), in time order."""
+    out = []
+    for path in sorted(Path(run_dir).glob("chaos_events*.jsonl")):
+        for line in path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line cut short by the kill it announced
+    return sorted(out, key=lambda e: e.get("time", 0))
+
+
+def corrupt_checkpoint(ckpt: Path, how: str, seed: int = 0, rank: int | None = None) -> str:
+    """Damage one data file of ``ckpt`` (with ``rank``: of that rank's own files) as a failing disk would:
+    flip a byte or truncate it."""
+    where = ckpt if rank is None else ckpt / "ranks" / str(rank)
+    files = sorted(p for p in where.iterdir() if p.name.endswith(".safetensors"))
+    rng = random.Random(seed)
+    target = files[rng.randrange(len(files))]
+    data = bytearray(target.read_bytes())
+    if how == "truncate":
+        data = data[: len(data) // 2]
+    else:
+        i = rng.randrange(len(data))
+        data[i] ^= 0xFF
+    with open(target, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return str(target.relative_to(ckpt))

@@ -1,0 +1,175 @@
+"""Step observers: what watches the loop without steering it (history, heartbeat, progress bar, chaos).
+
+``Trainer.fit`` calls every observer at the same points, in order:
+
+* ``on_start(trainer)`` once, after any restore, before the first step;
+* ``on_step(trainer, record)`` after each optimizer step (and its evaluation, if any), before the
+  step's checkpoint: ``record`` holds ``step``, ``epoch``, the train metrics, ``time`` (when the
+  optimizer step ended) and ``val_loss`` (``None`` when the step did not evaluate);
+* ``on_saved(trainer, record)`` with the same record, after the step's checkpoint decision (whether
+  or not it saved);
+* ``on_end(trainer, status)`` once, with ``finished``, ``stopped`` or ``failed``, also on an error.
+
+An observer never changes training state, so the bits of a run do not depend on which are attached.
+
+With ranks, rank 0 writes the run's files (``history.jsonl``, ``heartbeat.json``, the progress bar);
+every rank writes ``ranks/<r>/heartbeat.json`` (pid, step, restart count) so that ``status`` and the
+orchestrator can see each rank, and ranks other than 0 log their own losses to
+``ranks/<r>/history.jsonl`` (the losses before the gradient exchange differ per rank).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import TYPE_CHECKING, Any
+
+from ..monitor import Heartbeat, HistoryWriter, rank_dir, write_side_file
+
+if TYPE_CHECKING:
+    from .trainer import Trainer
+
+__all__ = [
+    "Observer",
+    "HistoryObserver",
+    "HeartbeatObserver",
+    "RankHeartbeatObserver",
+    "ProgressObserver",
+]
+
+
+class Observer:
+    """Base class: every hook does nothing."""
+
+    def on_start(self, trainer: Trainer) -> None:
+        pass
+
+    def on_step(self, trainer: Trainer, record: dict[str, Any]) -> None:
+        pass
+
+    def on_saved(self, trainer: Trainer, record: dict[str, Any]) -> None:
+        pass
+
+    def on_end(self, trainer: Trainer, status: str) -> None:
+        pass
+
+
+class HistoryObserver(Observer):
+    """Appends train records (every ``log_every_n_steps``) and eval records to ``history.jsonl``."""
+
+    TRAIN_KEYS = ("loss", "recon_loss", "discr_loss", "grad_norm", "lr")
+
+    def __init__(self, every: int, rank: int = 0) -> None:
+        self.every = every
+        self.rank = rank
+        self.writer: HistoryWriter | None = None
+
+    def on_start(self, trainer: Trainer) -> None:
+        self.writer = HistoryWriter(rank_dir(trainer.run_dir, self.rank) if self.rank else trainer.run_dir)
+
+    def on_step(self, trainer: Trainer, record: dict[str, Any]) -> None:
+        step, epoch = record["step"], record["epoch"]
+        if step % self.every == 0:  # stamped when the step ended, before any evaluation
+            metrics = {k: record[k] for k in self.TRAIN_KEYS}
+            self.writer.write({"kind": "train", "step": step, "epoch": epoch, **metrics, "time": record["time"]})
+        if record["val_loss"] is not None:  # val_loss, reconstruction and codebook metrics (.metrics)
+            metrics = {"val_loss": record["val_loss"], **trainer.last_eval}
+            self.writer.write({"kind": "eval", "step": step, "epoch": epoch, **metrics, "time": time.time()})
+
+    def on_end(self, trainer: Trainer, status: str) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+class HeartbeatObserver(Observer):
+    """Keeps ``heartbeat.json`` fresh so that ``status`` can tell a live run from a dead one."""
+
+    def __init__(self, interval_secs: float, max_steps: int) -> None:
+        self.interval_secs, self.max_steps = interval_secs, max_steps
+        self.heartbeat: Heartbeat | None = None
+
+    def on_start(self, trainer: Trainer) -> None:
+        """Write the first heartbeat now (``running``, at the resumed step and epoch), not after the first step:
+        whatever ``heartbeat.json`` held (a previous run's final beat, damage) is replaced once a start is
+        accepted, and ``status`` sees this process during a slow first step."""
+        self.heartbeat = Heartbeat(trainer.run_dir, interval_secs=self.interval_secs, max_steps=self.max_steps)
+        latest = trainer.ckpt.last_saved.name if trainer.ckpt.last_saved else None
+        self.heartbeat.beat(
+            step=trainer.counters.step,
+            epoch=trainer.position.epoch,
+            latest_checkpoint=latest,
+            last_loss=None,
+            force=True,
+        )
+
+    def on_saved(self, trainer: Trainer, record: dict[str, Any]) -> None:
+        latest = trainer.ckpt.last_saved.name if trainer.ckpt.last_saved else None
+        self.heartbeat.beat(
+            step=record["step"], epoch=record["epoch"], latest_checkpoint=latest, last_loss=record["loss"]
+        )
+
+    def on_end(self, trainer: Trainer, status: str) -> None:
+        if self.heartbeat is not None:
+            self.heartbeat.close(status)
+
+
+class RankHeartbeatObserver(Observer):
+    """``RUN/ranks/<r>/heartbeat.json``: this rank's pid, step, torchrun restart count and status."""
+
+    def __init__(self, interval_secs: float, rank: int, restart: int) -> None:
+        self.interval_secs, self.rank, self.restart = interval_secs, rank, restart
+        self._last = 0.0
+
+    def _write(self, trainer: Trainer, status: str) -> None:
+        record = {
+            "rank": self.rank,
+            "pid": os.getpid(),
+            "step": trainer.counters.step,
+            "restart": self.restart,
+            "status": status,
+            "time": time.time(),
+        }
+        path = rank_dir(trainer.run_dir, self.rank) / "heartbeat.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_side_file(path, json.dumps(record) + "\n")
+        self._last = time.monotonic()
+
+    def on_start(self, trainer: Trainer) -> None:
+        self._write(trainer, "running")
+
+    def on_saved(self, trainer: Trainer, record: dict[str, Any]) -> None:
+        if time.monotonic() - self._last >= self.interval_secs:
+            self._write(trainer, "running")
+
+    def on_end(self, trainer: Trainer, status: str) -> None:
+        self._write(trainer, status)
+
+
+class ProgressObserver(Observer):
+    """A tqdm bar on stderr."""
+
+    def __init__(self, max_steps: int) -> None:
+        self.max_steps = max_steps
+        self.bar: Any = None
+
+    def on_start(self, trainer: Trainer) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(
+            total=self.max_steps,
+            initial=trainer.counters.step,
+            desc="train",
+            unit="step",
+            dynamic_ncols=True,
+            file=sys.stderr,
+        )
+
+    def on_saved(self, trainer: Trainer, record: dict[str, Any]) -> None:
+        self.bar.update(1)
+        self.bar.set_postfix(epoch=record["epoch"], loss=f"{record['loss']:.4f}", refresh=False)
+
+    def on_end(self, trainer: Trainer, status: str) -> None:
+        if self.bar is not None:
+            self.bar.close()
