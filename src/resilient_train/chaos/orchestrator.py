@@ -280,7 +280,8 @@ def _events(run_dir: Path, external: list[dict[str, Any]]) -> list[dict[str, Any
     events = [{k: v for k, v in e.items() if k in keys} for e in read_events(run_dir)] + [
         {k: v for k, v in e.items() if k in keys and v is not None} for e in external
     ]
-    return sorted(events, key=lambda e: e["step"] if e["step"] is not None else -1)
+    # An external kill may strike before the first step (no step recorded): it sorts first.
+    return sorted(events, key=lambda e: e["step"] if e.get("step") is not None else -1)
 
 
 def _failed(trial: int, steps: int, restarts: int, error: str) -> dict[str, Any]:
