@@ -550,7 +550,7 @@ def _fake_trainer(run: Path, step: int, epoch: int) -> SimpleNamespace:
         run_dir=run,
         counters=SimpleNamespace(step=step),
         position=SimpleNamespace(epoch=epoch),
-        ckpt=SimpleNamespace(last_saved=None),
+        ckpt=SimpleNamespace(last_saved=None, upload_status=lambda: None),
     )
 
 

@@ -29,7 +29,10 @@ from .atomic import remove_dir_safely
 from .commit import commit_save, temporary_prefix
 from .layout import BEST_POINTER, SAVE_PHASES, TRASH_PREFIX, committed, read_best, rebuild_best, step_dir_name
 from .manifest import MANIFEST, CheckpointError
+from .remote import remote_checkpoints
 from .snapshot import Snapshot
+from .store import Store, StoreError
+from .uploader import Uploader
 
 __all__ = ["CheckpointManager", "SAVE_PHASES", "SaveHook", "SaveError"]
 
@@ -61,7 +64,10 @@ class CheckpointManager:
         save_on_best: bool = False,
         hooks: Sequence[SaveHook] = (),
         group: Group | None = None,
+        remote: Store | None = None,
     ) -> None:
+        """``remote``: the object store every committed checkpoint is also uploaded to (rank 0; see
+        :mod:`.uploader`); local checkpoints are then purged only once their upload is confirmed."""
         self.group = group or Group()
         if async_save and self.group.distributed:
             raise ValueError(
@@ -78,6 +84,11 @@ class CheckpointManager:
         self._error: BaseException | None = None
         self._snapshot = Snapshot()
         self.last_saved: Path | None = None
+        self.uploader = (
+            Uploader(remote, self.root, keep_last=keep_last, phase=self._phase)
+            if remote is not None and self.group.is_main
+            else None
+        )
         self.last_save_secs: float = 0.0
 
     @property
@@ -249,7 +260,50 @@ class CheckpointManager:
         log.info("ckpt.save step=%d path=%s secs=%.3f bytes=%d", step, final, secs, nbytes)
         if on_commit is not None:
             on_commit(final)
+        if self.uploader is not None:
+            self.uploader.submit(final)
         self.purge()
+
+    # -- the object store -------------------------------------------------------------------
+
+    def start_uploads(self) -> None:
+        """At a start: checkpoints committed here but not on the store are uploaded (a kill during an
+        upload, a store that was down); the ones already there count as confirmed."""
+        if self.uploader is None:
+            return
+        try:
+            there = {c.name for c in remote_checkpoints(self.uploader.store) if c.committed}
+        except StoreError as exc:
+            log.warning(
+                "ckpt.remote_unlisted url=%s error=%s: every local checkpoint is queued", self.uploader.store.url, exc
+            )
+            there = set()
+        self.uploader.adopt(there)
+        for path in self.committed():
+            if path.name not in there and (path / MANIFEST).is_file():
+                self.uploader.submit(path)
+
+    def upload_status(self) -> dict[str, Any] | None:
+        return self.uploader.status() if self.uploader is not None else None
+
+    def finish_uploads(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for every committed checkpoint to reach the store; log whether it did."""
+        if self.uploader is None:
+            return True
+        done = self.uploader.wait(timeout)
+        st = self.uploader.status()
+        if done:
+            log.info("ckpt.uploads_done url=%s newest_step=%s", st["url"], st["newest_step"])
+        else:
+            log.error(
+                "ckpt.uploads_incomplete url=%s newest_step=%s backlog=%d last_error=%s: the local checkpoints are "
+                "intact; run again with resume_from=auto to finish the upload",
+                st["url"],
+                st["newest_step"],
+                st["backlog"],
+                st["last_error"],
+            )
+        return done
 
     # -- retention --------------------------------------------------------------------------
 
@@ -274,6 +328,8 @@ class CheckpointManager:
             keep.add(self.root / best["path"])
         removed = []
         for path in committed:
+            if path not in keep and self.uploader is not None and not self.uploader.confirmed(path.name):
+                continue  # not on the store yet: with a node-local disk this is the only copy
             if path not in keep:
                 remove_dir_safely(path)
                 log.info("ckpt.purge path=%s keep_last=%d", path, self.keep_last)

@@ -43,6 +43,7 @@ __all__ = [
     "refuse_pickle",
     "load_json",
     "read_manifest",
+    "check_manifest",
     "manifest_bytes",
 ]
 
@@ -126,14 +127,19 @@ def read_manifest(ckpt: Path) -> dict[str, Any]:
 
     Raises :class:`FileNotFoundError` when ``ckpt`` is not a folder, :class:`CheckpointError` otherwise.
     """
-    # Long on purpose: each field of the manifest checked in turn, each with its own message.
     ckpt = Path(ckpt)
     if not ckpt.is_dir():
         raise FileNotFoundError(f"checkpoint directory not found: {ckpt}")
     path = ckpt / MANIFEST
     if not path.is_file():
         raise CheckpointError(f"{path}: missing; the checkpoint is incomplete and cannot be trusted")
-    manifest = load_json(read_json_file(path, MAX_MANIFEST_BYTES), path)
+    return check_manifest(load_json(read_json_file(path, MAX_MANIFEST_BYTES), path), path)
+
+
+def check_manifest(manifest: Any, path: Path | str) -> dict[str, Any]:
+    """``manifest`` (parsed from the file at ``path``, local or on a store) checked for shape, or a
+    :class:`CheckpointError` naming ``path``."""
+    # Long on purpose: each field of the manifest checked in turn, each with its own message.
     if not isinstance(manifest, dict):
         raise CheckpointError(f"{path}: malformed (expected a JSON object)")
     for key in ("format_version", "step", "files"):

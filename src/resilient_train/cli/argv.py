@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 
+from ..checkpoint.store import is_remote_url
 from ..dist import rank_from_env, world_size_from_env
 from ..resume.target import StartupError, resume_target
 from ..train.device import DeviceError, resolve_device
@@ -56,7 +57,7 @@ def prepare_argv(argv: list[str]) -> list[str]:
             print(f"error: {exc}", file=sys.stderr)
             raise SystemExit(EXIT_CONFIG_ERROR) from None
     rf = argv_value(argv, "resume_from")
-    if rf is not None and rf not in ("auto", "null", "None", ""):
+    if rf is not None and rf not in ("auto", "null", "None", "") and not is_remote_url(rf):
         try:
             run, _ = resume_target(rf)
         except StartupError as exc:

@@ -120,6 +120,7 @@ def _take_over(run_dir: Path, plan: ResumePlan, trainer: Trainer, cfg: DictConfi
     """Rank 0, once the start is accepted: make the run directory this run's."""
     trainer.ckpt.cleanup_temporaries()
     take_over_timeline(run_dir, plan.loaded, plan.set_aside)
+    trainer.ckpt.start_uploads()  # what an earlier process committed but did not upload
     trainer.ckpt.repair_best(trainer.counters.best_step if plan.loaded else None, trainer.counters.best_val_loss)
     atomic_write(run_dir / "config.yaml", OmegaConf.to_yaml(plan.cfg))
     subdir = hydra_subdir()

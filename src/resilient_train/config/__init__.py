@@ -8,9 +8,9 @@ layer specs (:mod:`.model`); and :func:`validate_config` (:mod:`.validate`), whi
 type cannot express (ranges, FSQ levels, frame counts the model can take) and reports every
 problem in one ``ValueError``. :mod:`.values` holds what the validators share.
 
-May import: the standard library, hydra and omegaconf, and ``checkpoint.layout`` (for
-``SAVE_PHASES``). Never torch, nor anything else of this package. The YAML configs are not here:
-they live in ``resilient_train/configs`` (:data:`CONFIG_DIR`).
+May import: the standard library, hydra and omegaconf, and the torch-free ``checkpoint.layout``
+(``SAVE_PHASES``) and ``checkpoint.store`` (the store URL schemes). Never torch, nor anything
+else. The YAML configs are not here: they live in ``resilient_train/configs`` (:data:`CONFIG_DIR`).
 """
 
 from .chaos import ChaosConfig

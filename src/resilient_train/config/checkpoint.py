@@ -1,10 +1,12 @@
-"""The ``checkpoint`` and ``resume`` sections: when checkpoints are written and kept, what a resume may change."""
+"""The ``checkpoint`` and ``resume`` sections: when and where checkpoints are kept, what a resume may change."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
-from .values import AtLeast
+from ..checkpoint.store import SCHEMES
+from .values import AtLeast, Get, Need, RealRange
 
 
 @dataclass
@@ -14,6 +16,12 @@ class CheckpointConfig:
     keep_last: int = 3
     async_save: bool = False
     save_on_best: bool = True
+    # An object store every committed checkpoint is also uploaded to (s3://bucket/prefix, gs://, az://, file://);
+    # credentials and endpoint from the environment (AWS_*), the rest in remote_options (obstore's store options).
+    remote: str | None = None
+    remote_options: dict[str, Any] = field(default_factory=dict)
+    # On SIGTERM and at the end: how long to wait for the last checkpoint to reach the store.
+    upload_timeout_secs: float = 300.0
 
 
 @dataclass
@@ -31,3 +39,16 @@ AT_LEAST: tuple[AtLeast, ...] = (
     AtLeast("checkpoint.every_n_steps", 1),
     AtLeast("checkpoint.keep_last", 0, " (0 keeps every checkpoint)"),
 )
+
+REAL_RANGES: tuple[RealRange, ...] = (
+    RealRange("checkpoint.upload_timeout_secs", 0, True, float("inf"), False, "must be a finite number >= 0"),
+)
+
+
+def check_checkpoint(get: Get, need: Need) -> None:
+    """``checkpoint.remote`` names a store by a scheme it can open, with a bucket (or a path)."""
+    remote = get("checkpoint.remote")
+    ok = remote is None or (
+        isinstance(remote, str) and remote.startswith(SCHEMES) and len(remote.split("://", 1)[1].strip("/")) > 0
+    )
+    need(ok, "checkpoint.remote", remote, f"must be null or a URL starting with one of {list(SCHEMES)}")

@@ -64,11 +64,12 @@ def _check_sections(get: Get, need: Need, save_phases: tuple[str, ...]) -> None:
     """
     for section in (model, data, training, checkpoint, chaos):
         check_at_least(get, need, section.AT_LEAST)
-    for section in (model, data, training, chaos):  # checkpoint and resume have no real-valued keys
+    for section in (model, data, training, chaos, checkpoint):
         check_real_ranges(get, need, section.REAL_RANGES)
     check_top_level(get, need)
     layers_ok = model.check_model(get, need)
     data.check_data(get, need, model_layers_ok=layers_ok)
     training.check_optimizer(get, need)
     training.check_trainer(get, need)
+    checkpoint.check_checkpoint(get, need)
     chaos.check_chaos(get, need, save_phases)

@@ -42,6 +42,7 @@ class Heartbeat:
         self._last_write: float | None = None  # time.monotonic() of the last write
         self._state: dict[str, Any] = {"step": 0, "epoch": 0, "latest_checkpoint": None, "last_loss": None}
         self.closed = False
+        self.upload: dict[str, Any] | None = None
         self.run_dir.mkdir(parents=True, exist_ok=True)
 
     def beat(
@@ -52,18 +53,23 @@ class Heartbeat:
         latest_checkpoint: str | None,
         last_loss: float | None,
         force: bool = False,
+        upload: dict[str, Any] | None = None,
     ) -> bool:
-        """Record progress; write the file if forced or ``interval_secs`` passed since the last write."""
+        """Record progress; write the file if forced or ``interval_secs`` passed since the last write.
+        ``upload``: the object store's side (``newest_step``, ``backlog``, ``last_error``), when there is one."""
         now = time.monotonic()
         self._state = {"step": step, "epoch": epoch, "latest_checkpoint": latest_checkpoint, "last_loss": last_loss}
+        self.upload = upload
         if not force and self._last_write is not None and now - self._last_write < self.interval_secs:
             return False
         self._write("running")
         self._last_write = now
         return True
 
-    def close(self, status: str) -> None:
+    def close(self, status: str, upload: dict[str, Any] | None = None) -> None:
         """Write the final heartbeat with ``status`` (``finished``, ``stopped`` or ``failed``)."""
+        if upload is not None:
+            self.upload = upload
         if status not in HEARTBEAT_STATUSES:
             raise ValueError(f"status must be one of {HEARTBEAT_STATUSES}, got {status!r}")
         self._write(status)
@@ -87,6 +93,8 @@ class Heartbeat:
             "latest_checkpoint": self._state["latest_checkpoint"],
             "last_loss": last_loss,
         }
+        if self.upload is not None:
+            record["upload"] = self.upload
         write_side_file(self.path, json.dumps(record) + "\n")
 
 

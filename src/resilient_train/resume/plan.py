@@ -28,9 +28,11 @@ from ..checkpoint import (
     newest_valid,
     verify_content,
 )
-from ..checkpoint.layout import CHECKPOINTS_DIR
+from ..checkpoint.layout import CHECKPOINTS_DIR, parse_step
+from ..checkpoint.store import Store, is_remote_url
 from ..config import TrainConfig, flatten, is_resume_safe, to_plain
 from .checks import check_checkpoint
+from .remote import fetch_newest, open_store, refuse_reused_prefix, split_url
 from .target import StartupError, resume_target
 
 __all__ = [
@@ -83,11 +85,24 @@ def _group_override(ov: str) -> bool:
     return "." not in key and "/" not in key and key.split("@")[0] in CONFIG_GROUPS
 
 
-def _choose(rf: str, run_dir: Path) -> tuple[Loaded | None, list[Path]]:
+def _choose(rf: str, run_dir: Path, store: Store | None) -> tuple[Loaded | None, list[Path]]:
     """The checkpoint ``resume_from`` names, loaded (``None`` for ``auto`` in a run with none yet), and
-    the checkpoints of this run to set aside once the start is accepted."""
+    the checkpoints of this run to set aside once the start is accepted. With an object store, a
+    newer checkpoint there is downloaded first (:mod:`.remote`)."""
+    root = run_dir / CHECKPOINTS_DIR
+    if is_remote_url(rf):
+        prefix, name = split_url(rf)
+        loaded = fetch_newest(open_store(prefix, _options(store)), root, check_checkpoint, name=name)
+        if loaded is None:
+            raise StartupError(f"resume_from={rf}: no committed checkpoint on the store")
+        return loaded, []
     if rf == "auto":
-        loaded, failed = newest_valid(run_dir / CHECKPOINTS_DIR, check_checkpoint)
+        if store is not None:
+            newest = max((parse_step(p.name) for p in committed(root)), default=-1)
+            fetched = fetch_newest(store, root, check_checkpoint, newer_than=newest)
+            if fetched is not None:
+                return fetched, []
+        loaded, failed = newest_valid(root, check_checkpoint)
         if loaded is None:
             log.info("resume.none run_dir=%s: no valid checkpoint yet, starting fresh", run_dir)
         return loaded, failed
@@ -103,6 +118,10 @@ def _choose(rf: str, run_dir: Path) -> tuple[Loaded | None, list[Path]]:
     return loaded, failed if run.resolve() == run_dir.resolve() else []
 
 
+def _options(store: Store | None) -> dict | None:
+    return store.options if store is not None else None
+
+
 def plan_resume(cfg: DictConfig, overrides: list[str], run_dir: Path) -> ResumePlan:
     """Which checkpoint to resume from (read and verified once) and the config to run with.
 
@@ -110,6 +129,8 @@ def plan_resume(cfg: DictConfig, overrides: list[str], run_dir: Path) -> ResumeP
     checkpoints aside); the other ranks follow its choice with :func:`plan_chosen`.
     """
     rf = cfg.resume_from
+    remote = cfg.checkpoint.remote
+    store = open_store(remote, to_plain(cfg.checkpoint.remote_options)) if remote else None
     if rf is None:
         found = committed(run_dir / CHECKPOINTS_DIR)
         if found:
@@ -117,8 +138,10 @@ def plan_resume(cfg: DictConfig, overrides: list[str], run_dir: Path) -> ResumeP
                 f"{run_dir} already holds checkpoints ({found[-1].name}, ...); pass resume_from=auto to "
                 "continue that run, or choose another hydra.run.dir"
             )
+        if store is not None:
+            refuse_reused_prefix(store)  # also the access check: credentials, bucket, endpoint
         return ResumePlan(cfg)
-    loaded, failed = _choose(rf, run_dir)
+    loaded, failed = _choose(rf, run_dir, store)
     plan = _plan(cfg, overrides, loaded)
     plan.set_aside = failed
     return plan

@@ -107,12 +107,16 @@ class HeartbeatObserver(Observer):
     def on_saved(self, trainer: Trainer, record: dict[str, Any]) -> None:
         latest = trainer.ckpt.last_saved.name if trainer.ckpt.last_saved else None
         self.heartbeat.beat(
-            step=record["step"], epoch=record["epoch"], latest_checkpoint=latest, last_loss=record["loss"]
+            step=record["step"],
+            epoch=record["epoch"],
+            latest_checkpoint=latest,
+            last_loss=record["loss"],
+            upload=trainer.ckpt.upload_status(),
         )
 
     def on_end(self, trainer: Trainer, status: str) -> None:
         if self.heartbeat is not None:
-            self.heartbeat.close(status)
+            self.heartbeat.close(status, upload=trainer.ckpt.upload_status())
 
 
 class RankHeartbeatObserver(Observer):

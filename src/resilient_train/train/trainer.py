@@ -27,7 +27,8 @@ from omegaconf import DictConfig
 from torch.utils.data import Dataset
 
 from ..checkpoint import CheckpointError, CheckpointManager, Loaded
-from ..checkpoint.manager import SaveHook
+from ..checkpoint.manager import SaveError, SaveHook
+from ..checkpoint.store import Store
 from ..config import TrainConfig, config_hash, to_plain, typed
 from ..data.loader import batches_per_epoch, build_data, build_loader
 from ..dist import Group
@@ -131,6 +132,7 @@ class Trainer:
             save_on_best=ck.save_on_best,
             hooks=save_hooks,
             group=g,
+            remote=Store(ck.remote, ck.remote_options) if ck.remote and g.is_main else None,
         )
         self.env = capture_env(self.device)  # the same on every rank
         self._metadata = run_metadata(cfg, self.env, self.data_fingerprint, g)  # computed once, not at every save
@@ -301,6 +303,13 @@ class Trainer:
                     obs.on_saved(self, last)
             self.ckpt.wait()
             status = "finished" if c.step >= t.max_steps else "stopped"
+            if not self.ckpt.finish_uploads(self.cfg.checkpoint.upload_timeout_secs) and status == "finished":
+                status = "failed"
+                raise SaveError(
+                    f"training finished at step {c.step}, but its checkpoints did not all reach "
+                    f"{self.cfg.checkpoint.remote} within checkpoint.upload_timeout_secs; the local ones are intact: "
+                    "run again with resume_from=auto to finish the upload"
+                )
         finally:
             signals.__exit__()
             for obs in observers:
