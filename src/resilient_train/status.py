@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from resilient_train.checkpoint.layout import CHECKPOINTS_DIR, committed, read_best, read_small_json
+from resilient_train.checkpoint.manifest import CheckpointError
+from resilient_train.checkpoint.store import is_remote_url
 from resilient_train.monitor import HEARTBEAT_FILE, HISTORY_FILE, finite_float, read_history
 
 __all__ = ["StatusError", "run_status", "format_status", "pid_alive", "main"]
@@ -150,10 +152,50 @@ def run_status(run_dir: str | os.PathLike, stale_after: float = 120.0) -> dict[s
         else {},
         "latest_checkpoint": _text(hb.get("latest_checkpoint")) or _latest_step_dir(run),
         "best_checkpoint": best,
+        "upload": _upload(hb.get("upload")),
         "heartbeat_time": hb_time,
         "heartbeat_age_secs": age,
         "stale_after_secs": stale_after,
     }
+
+
+def _upload(u: Any) -> dict[str, Any] | None:
+    """The heartbeat's object-store side, read defensively: url, newest step there, backlog, last error."""
+    if not isinstance(u, dict):
+        return None
+    return {
+        "url": _text(u.get("url")),
+        "newest_step": _count(u.get("newest_step")),
+        "backlog": _count(u.get("backlog")),
+        "last_error": _text(u.get("last_error")),
+    }
+
+
+def _fmt_upload(u: dict[str, Any] | None) -> str:
+    if u is None:
+        return "-"
+    text = f"{u['url']}: newest step {u['newest_step'] if u['newest_step'] is not None else '-'}"
+    text += f", {u['backlog']} waiting" if u["backlog"] else ", none waiting"
+    return text + (f"; last error: {u['last_error'][:200]}" if u["last_error"] else "")
+
+
+def remote_status(url: str) -> dict[str, Any]:
+    """What a store holds under ``url``: every checkpoint folder, committed or not, and the newest committed."""
+    from .checkpoint.fetch import remote_listing
+
+    store, found = remote_listing(url)
+    rows = [
+        {"name": c.name, "step": c.step, "committed": c.committed, "problem": c.invalid or c.problem} for c in found
+    ]
+    done = [r for r in rows if r["committed"]]
+    return {"url": store.url, "checkpoints": rows, "newest_committed": done[-1]["name"] if done else None}
+
+
+def format_remote(r: dict[str, Any]) -> str:
+    lines = [f"store:       {r['url']}", f"newest:      {r['newest_committed'] or '-'}"]
+    for c in r["checkpoints"]:
+        lines.append(f"  {c['name']}  " + ("committed" if c["committed"] else f"not committed: {c['problem']}"))
+    return "\n".join(lines)
 
 
 #: The metrics of an evaluation record shown beside the validation loss (see resilient_train.metrics).
@@ -247,6 +289,8 @@ def format_status(s: dict[str, Any]) -> str:
         ("best ckpt", best_txt),
         ("heartbeat", age),
     ]
+    if s.get("upload") is not None:
+        rows.insert(-1, ("uploads", _fmt_upload(s["upload"])))
     for r in s.get("ranks", []):
         alive = {True: "alive", False: "gone", None: "not checked"}[r["pid_alive"]]
         rows.append(
@@ -259,7 +303,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m resilient_train.status", description=(__doc__ or "").split("\n")[0]
     )
-    parser.add_argument("run_dir", help="run directory (holds heartbeat.json, history.jsonl, checkpoints/)")
+    parser.add_argument(
+        "run_dir", help="run directory (holds heartbeat.json, history.jsonl, checkpoints/), or a store URL"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     parser.add_argument(
         "--stale-after", type=float, default=120.0, metavar="SECS", help="heartbeat age that counts as stale"
@@ -267,6 +313,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.stale_after > 0:
         parser.error("--stale-after must be > 0")
+    if is_remote_url(args.run_dir):
+        try:
+            r = remote_status(args.run_dir)
+        except CheckpointError as e:  # a StoreError: the URL and what the store answered
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(json.dumps(r) if args.json else format_remote(r))
+        return 0 if r["newest_committed"] else 1
     try:
         s = run_status(args.run_dir, stale_after=args.stale_after)
     except StatusError as e:

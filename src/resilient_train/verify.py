@@ -1,6 +1,8 @@
 """``python -m resilient_train.verify PATH [--json] [--compare OTHER] [--no-model]``
 
-PATH is a checkpoint directory or a run directory (then every committed checkpoint in it). For
+PATH is a checkpoint directory or a run directory (then every committed checkpoint in it), or a
+store URL (``s3://bucket/prefix``: every checkpoint there, downloaded to a temporary folder;
+``.../step_N``: that one; an upload that did not finish is listed as not committed). For
 each checkpoint, exactly what a resume checks before it trusts one: manifest, presence, sizes
 (before reading) and hashes of every file; safe loading (safetensors and JSON only); then the
 content (:mod:`resilient_train.resume.checks`): the saved config valid, counters that agree (manifest
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +30,9 @@ import torch
 
 from .checkpoint import CheckpointError, verify_files
 from .checkpoint.compare import compare_checkpoints, compare_states
+from .checkpoint.fetch import fetched
 from .checkpoint.layout import checkpoints_under
+from .checkpoint.store import StoreError, is_remote_url
 from .config import to_plain
 from .resume.checks import check_checkpoint, saved_config
 
@@ -126,45 +131,88 @@ def _table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _remote_results(url: str, stack: ExitStack, check_model: bool) -> list[dict[str, Any]]:
+    """Every checkpoint a store URL names: downloaded and verified, or INVALID with why it is not committed."""
+    results = []
+    for item in stack.enter_context(fetched(url)):
+        if item.path is None:
+            results.append(
+                {
+                    "path": item.url,
+                    "ok": False,
+                    "step": item.remote.step,
+                    "epoch": None,
+                    "bytes": 0,
+                    "errors": [f"{item.url}: not committed: {item.problem}"],
+                    "checks": [],
+                }
+            )
+            continue
+        result = verify_checkpoint(item.path, check_model=check_model)
+        result["path"] = item.url
+        results.append(result)
+    return results
+
+
+def _newest(where: str, stack: ExitStack) -> Path | None:
+    """The newest committed checkpoint under a local path or a store URL (downloaded for the comparison)."""
+    if is_remote_url(where):
+        items = stack.enter_context(fetched(where, newest_only=True))
+        return items[-1].path if items else None
+    found = checkpoints_under(Path(where))
+    return found[-1] if found else None
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m resilient_train.verify", description=__doc__.split("\n\n")[1])
-    p.add_argument("path", type=Path, help="a checkpoint directory or a run directory")
+    p.add_argument("path", help="a checkpoint directory, a run directory, or a store URL (s3://bucket/prefix[/step_N])")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.add_argument("--compare", type=Path, metavar="OTHER", help="compare PATH with OTHER bit for bit")
+    p.add_argument("--compare", metavar="OTHER", help="compare PATH with OTHER (a folder or a URL) bit for bit")
     p.add_argument("--no-model", action="store_true", help="skip rebuilding the model and encoding")
     args = p.parse_args(argv)
-    if not args.path.exists():
-        print(f"error: no such checkpoint or run directory: {args.path}", file=sys.stderr)
+    for where in (args.path, args.compare):
+        if where is not None and not is_remote_url(where) and not Path(where).exists():
+            print(f"error: no such checkpoint or run directory: {where}", file=sys.stderr)
+            return 2
+    try:
+        with ExitStack() as stack:
+            if args.compare is not None:
+                return _compare(args, stack)
+            if is_remote_url(args.path):
+                results = _remote_results(args.path, stack, not args.no_model)
+            else:
+                results = [
+                    verify_checkpoint(c, check_model=not args.no_model) for c in checkpoints_under(Path(args.path))
+                ]
+    except StoreError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
-    if args.compare is not None:
-        if not args.compare.exists():
-            print(f"error: no such checkpoint: {args.compare}", file=sys.stderr)
-            return 2
-        a, b = checkpoints_under(args.path), checkpoints_under(args.compare)
-        if not a or not b:
-            print("error: no committed checkpoint to compare", file=sys.stderr)
-            return 2
-        try:
-            diff = compare_checkpoints(a[-1], b[-1])
-        except CheckpointError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
-        if args.json:
-            print(json.dumps({"a": str(a[-1]), "b": str(b[-1]), "identical": diff is None, "first_difference": diff}))
-        else:
-            print("identical" if diff is None else f"differ: {diff}")
-        return 0 if diff is None else 1
-    ckpts = checkpoints_under(args.path)
-    if not ckpts:
+    if not results:
         print(f"error: no committed checkpoints under {args.path}", file=sys.stderr)
         return 1
-    results = [verify_checkpoint(c, check_model=not args.no_model) for c in ckpts]
     print(
         json.dumps({"ok": all(r["ok"] for r in results), "checkpoints": results}, indent=1)
         if args.json
         else _table(results)
     )
     return 0 if all(r["ok"] for r in results) else 1
+
+
+def _compare(args: argparse.Namespace, stack: ExitStack) -> int:
+    a, b = _newest(args.path, stack), _newest(args.compare, stack)
+    if a is None or b is None:
+        print("error: no committed checkpoint to compare", file=sys.stderr)
+        return 2
+    try:
+        diff = compare_checkpoints(a, b)
+    except CheckpointError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps({"a": str(a), "b": str(b), "identical": diff is None, "first_difference": diff}))
+    else:
+        print("identical" if diff is None else f"differ: {diff}")
+    return 0 if diff is None else 1
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""``python -m resilient_train.export RUN_OR_CHECKPOINT --out DIR [--weights ema|model]``: the tokenizer, taken out.
+"""``python -m resilient_train.export RUN_OR_CHECKPOINT_OR_URL --out DIR [--weights ema|model]``: the tokenizer, out.
 
 DIR is self-contained and needs only ``magvit2-pytorch`` (and safetensors) to use:
 
@@ -31,7 +31,9 @@ import torch
 import xxhash
 
 from ..checkpoint import CheckpointError, load_checkpoint
+from ..checkpoint.fetch import fetched
 from ..checkpoint.layout import MANIFEST, checkpoints_under, read_best
+from ..checkpoint.store import is_remote_url
 from ..fsio import fsync_dir, write_durable
 
 __all__ = ["export_tokenizer", "load_tokenizer", "read_config", "tokenizer_kwargs", "main", "FORMAT"]
@@ -178,12 +180,20 @@ def _readme(config: dict[str, Any], out: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m resilient_train.export", description=__doc__.split("\n\n")[0])
-    p.add_argument("source", type=Path, help="a checkpoint directory, or a run directory (its newest checkpoint)")
+    p.add_argument(
+        "source", help="a checkpoint directory, a run directory (its newest checkpoint), or a store URL (s3://...)"
+    )
     p.add_argument("--out", type=Path, required=True, help="the folder to create")
     p.add_argument("--weights", choices=["ema", "model"], default="ema", help="EMA weights (default) or the raw model")
     args = p.parse_args(argv)
     try:
-        out = export_tokenizer(args.source, args.out, args.weights)
+        if is_remote_url(args.source):
+            with fetched(args.source, newest_only=True) as items:
+                if not items:
+                    raise FileNotFoundError(f"{args.source}: no committed checkpoint on the store")
+                out = export_tokenizer(items[-1].path, args.out, args.weights)
+        else:
+            out = export_tokenizer(Path(args.source), args.out, args.weights)
     except (FileNotFoundError, FileExistsError, CheckpointError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
