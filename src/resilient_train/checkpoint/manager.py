@@ -287,13 +287,16 @@ class CheckpointManager:
         return self.uploader.status() if self.uploader is not None else None
 
     def finish_uploads(self, timeout: float) -> bool:
-        """Wait up to ``timeout`` seconds for every committed checkpoint to reach the store; log whether it did."""
+        """Wait up to ``timeout`` seconds for every committed checkpoint to reach the store; log whether it did.
+        Once they all did, retention runs here too: the ones it had to keep only until they were uploaded
+        (the store was down) go now, not at the next run's first save."""
         if self.uploader is None:
             return True
         done = self.uploader.wait(timeout)
         st = self.uploader.status()
         if done:
             log.info("ckpt.uploads_done url=%s newest_step=%s", st["url"], st["newest_step"])
+            self.purge()
         else:
             log.error(
                 "ckpt.uploads_incomplete url=%s newest_step=%s backlog=%d last_error=%s: the local checkpoints are "

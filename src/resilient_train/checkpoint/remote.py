@@ -5,7 +5,9 @@ A checkpoint is committed locally first (temporary folder, fsync, manifest, rena
 * **upload**: every file the manifest lists, then (once each is confirmed on the store with the
   size the manifest records) the manifest itself, last. The transport is checked by the store
   (S3 checksums where the client sends them); the content is checked by the manifest's hashes when
-  the checkpoint is downloaded and read (:func:`..files.load_checkpoint`).
+  the checkpoint is downloaded and read (:func:`..files.load_checkpoint`). An upload first deletes
+  any manifest and ``.invalid`` marker of its name (one request): a folder already there (one marked
+  invalid, an older copy of the step) is uncommitted while its files are replaced, never a mix.
 * **committed on the store** iff ``step_N/manifest.json`` is there, names only files that are there
   with the recorded size, and no ``step_N.invalid`` marker exists. A kill during an upload leaves
   files without a manifest: uncommitted, never read, redone by the next start.
@@ -30,7 +32,7 @@ from typing import Any
 
 from ..fsio import TMP_PREFIX, fsync_dir
 from .atomic import commit_dir, remove_dir_safely
-from .layout import MANIFEST, MAX_MANIFEST_BYTES, parse_step
+from .layout import MANIFEST, MAX_MANIFEST_BYTES, UPLOAD_PHASE, parse_step
 from .manifest import CheckpointError, check_manifest, load_json, read_manifest
 from .store import Store, StoreError
 
@@ -72,6 +74,7 @@ def upload(store: Store, ckpt: Path, *, phase: Callable[[str, int, Path], None] 
     manifest = read_manifest(ckpt)
     name, step = ckpt.name, manifest["step"]
     files = manifest["files"]
+    _delete_if_there(store, [f"{name}/{MANIFEST}", f"{name}{INVALID_SUFFIX}"])  # a re-upload: uncommitted first
     for rel in sorted(files):
         store.put_file(f"{name}/{rel}", ckpt / rel)
     there = store.list(f"{name}/")
@@ -79,11 +82,27 @@ def upload(store: Store, ckpt: Path, *, phase: Callable[[str, int, Path], None] 
     if wrong:
         raise StoreError(f"{store.where(name)}: after the upload {wrong[:3]} are missing or of another size", "other")
     if phase is not None:
-        phase("uploading", step, ckpt)
+        phase(UPLOAD_PHASE, step, ckpt)
     store.put_file(f"{name}/{MANIFEST}", ckpt / MANIFEST)
     nbytes = sum(e["size"] for e in files.values()) + (ckpt / MANIFEST).stat().st_size
     log.info("ckpt.upload step=%d url=%s secs=%.3f bytes=%d", step, store.where(name), time.perf_counter() - t0, nbytes)
     return nbytes
+
+
+def _delete_if_there(store: Store, keys: list[str]) -> None:
+    """Delete ``keys``, those that are there: S3 takes a delete of nothing (one request for all); a
+    ``file://`` store refuses it, and is then asked key by key."""
+    try:
+        store.delete(keys)
+    except StoreError as exc:
+        if exc.kind != "missing":
+            raise
+        for key in keys:
+            try:
+                store.delete([key])
+            except StoreError as one:
+                if one.kind != "missing":
+                    raise
 
 
 def remote_checkpoints(store: Store, objects: dict[str, int] | None = None) -> list[RemoteCheckpoint]:

@@ -10,16 +10,18 @@ options, e.g. ``{endpoint: http://minio:9000, virtual_hosted_style_request: "fal
 
 Every call has a short timeout and few retries of its own (a store that hangs must not hold a
 thread for minutes); the uploader retries whole checkpoints with its own backoff. Every failure is
-a :class:`StoreError` whose message starts with the object's URL and whose ``kind`` says what
-happened: ``missing`` (no such object), ``denied`` (credentials, permissions, no such bucket),
-``unreachable`` (no connection, timeouts, 5xx) or ``other``. obstore is not fork-safe: only the
-training process (and its threads) touches a store, never a data loader worker.
+a :class:`StoreError` whose one-line message starts with the object's URL (and names the S3
+error code, e.g. ``NoSuchBucket`` or ``InvalidAccessKeyId``, when the server sent one) and whose
+``kind`` says what happened: ``missing`` (no such object), ``denied`` (credentials, permissions,
+no such bucket), ``unreachable`` (no connection, timeouts, 5xx) or ``other``. obstore is not
+fork-safe: only the training process (and its threads) touches a store, never a data loader worker.
 """
 
 from __future__ import annotations
 
 import datetime
 import os
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -58,9 +60,19 @@ def _kind(exc: BaseException) -> str:
     return "other"
 
 
+#: The error an S3 server names in its XML answer (the client's message cuts it off after the first line).
+_S3_ERROR = re.compile(r"<Code>([^<]{1,100})</Code>\s*(?:<Message>([^<]{0,200})</Message>)?")
+
+
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:300]
+    """The first line of the client's message, with the S3 error code and message when they come later."""
+    text = str(exc).strip()
+    lines = text.splitlines()
+    first = (lines[0] if lines else type(exc).__name__)[:300]
+    found = _S3_ERROR.search(text)
+    if found and found.group(1) not in first:
+        first += f" ({found.group(1)}" + (f": {found.group(2)}" if found.group(2) else "") + ")"
+    return first
 
 
 class Store:

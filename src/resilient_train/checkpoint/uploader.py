@@ -153,6 +153,7 @@ class Uploader:
             "ckpt.upload_failed step=%s url=%s retry_in=%.0fs error=%s", ckpt.name, self.store.url, backoff, exc
         )
         with self._cond:
+            self._busy = None  # back in the queue: counted once in the backlog while it waits
             if ckpt not in self._queue:
                 self._queue.insert(0, ckpt)
             self._cond.wait(backoff)

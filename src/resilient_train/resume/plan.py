@@ -99,10 +99,15 @@ def _choose(rf: str, run_dir: Path, store: Store | None) -> tuple[Loaded | None,
     if rf == "auto":
         if store is not None:
             newest = max((parse_step(p.name) for p in committed(root)), default=-1)
-            fetched = fetch_newest(store, root, check_checkpoint, newer_than=newest)
+            fetched = fetch_newest(store, root, check_checkpoint, newer_than=newest, fallback=True)
             if fetched is not None:
                 return fetched, []
         loaded, failed = newest_valid(root, check_checkpoint)
+        if store is not None and failed:  # newer local ones are damaged: the store may hold good copies of them
+            floor = loaded.step if loaded is not None else -1
+            fetched = fetch_newest(store, root, check_checkpoint, newer_than=floor, fallback=True)
+            if fetched is not None:  # its damaged local copy was replaced by the download
+                return fetched, [p for p in failed if p.name != fetched.path.name and p.is_dir()]
         if loaded is None:
             log.info("resume.none run_dir=%s: no valid checkpoint yet, starting fresh", run_dir)
         return loaded, failed
