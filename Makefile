@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup train test test-slow test-all chaos-test chaos-test-ranks bench lint clean
+.PHONY: setup train test test-slow test-all chaos-test chaos-test-ranks chaos-test-remote bench lint clean
 
 setup: $(STAMP)
 
@@ -34,6 +34,11 @@ chaos-test: $(STAMP)
 # The same proof with 2 ranks under torchrun (one thread per rank).
 chaos-test-ranks: $(STAMP)
 	$(PY) scripts/chaos_test.py --nproc 2
+
+# The proof with an object store (a local S3 server, moto): uploads, kills during an upload, and node
+# losses (the run directory deleted) that must resume from the store.
+chaos-test-remote: $(STAMP)
+	$(PY) scripts/chaos_test.py --remote
 
 bench: $(STAMP)
 	$(PY) -m benchmarks

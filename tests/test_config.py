@@ -116,6 +116,8 @@ def test_experiments_build_the_real_model(experiment):
         ["data=folder", "data.path=/videos"],
         ["+experiment=magvit64", "data=folder", "data.path=/videos", "data.val_path=/val"],
         ["+experiment=tiny", "chaos=default", "chaos.hold_phase=files_written@10", "chaos.sigterm_steps=[3,7]"],
+        ["+experiment=tiny", "chaos.enabled=true", "chaos.node_loss_steps=[5]", "chaos.events_dir=/tmp/events"],
+        ["+experiment=tiny", "checkpoint.remote=s3://b/p", "chaos.enabled=true", "chaos.hold_phase=uploading@20"],
         ["+experiment=tiny", "model.max_dim=inf", "optimizer.max_grad_norm=inf", "trainer.device=cuda:1"],
     ],
 )
@@ -199,7 +201,10 @@ BAD_VALUES = [
     ("chaos.save_kill_steps=[-3]", "chaos.save_kill_steps"),
     ("chaos.sigterm_steps=[0]", "chaos.sigterm_steps"),
     ("chaos.corrupt_steps=[0]", "chaos.corrupt_steps"),
+    ("chaos.node_loss_rate=1.5", "chaos.node_loss_rate"),
+    ("chaos.node_loss_steps=[0]", "chaos.node_loss_steps"),
     ("chaos.hold_phase=@5", "chaos.hold_phase"),
+    ("chaos.hold_phase=upload", "chaos.hold_phase"),
 ]
 
 
@@ -221,6 +226,7 @@ def test_odd_values_in_an_untyped_config_give_one_value_error_naming_each_key(cf
     cfg.trainer.eval_batches = "two"
     cfg.data.num_frames = None
     cfg.chaos.hold_phase = 3
+    cfg.chaos.events_dir = 3
     del cfg.trainer["ema"]
     with pytest.raises(ValueError) as info:
         validate_config(cfg)
@@ -233,6 +239,7 @@ def test_odd_values_in_an_untyped_config_give_one_value_error_naming_each_key(cf
         "trainer.eval_batches",
         "data.num_frames",
         "chaos.hold_phase",
+        "chaos.events_dir",
         "trainer.ema.decay",
     ):
         assert f"\n  {key}=" in msg, msg

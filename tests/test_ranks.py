@@ -275,3 +275,15 @@ def test_three_ranks_reference_twice_identical_and_the_proof_holds(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     assert report["identical"] and report["nproc"] == 3
+
+
+@pytest.mark.slow
+def test_two_rank_proof_with_node_losses_resumes_from_the_store(tmp_path):
+    """A node loss on either rank deletes the shared run directory; torchrun's restart resumes from the store."""
+    proc, report = _chaos(tmp_path, "--seed", "7", "--steps", "30", "--remote", timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert report["identical"] and report["nproc"] == 2 and report["remote"], report
+    losses = [e for e in report["events"] if e["kind"] == "node_loss"]
+    assert [(e["step"], e["rank"]) for e in losses] == [(19, 1), (28, 0)], report["events"]
+    assert all(e["source"] == "store" and e["resumed_from"] >= 10 for e in losses), losses
+    assert {"phase": "uploading", "rank": 0} in [{k: e.get(k) for k in ("phase", "rank")} for e in report["events"]]

@@ -2,14 +2,20 @@
 
 Imported by the trainer only when ``chaos.enabled=true``. The schedule is a pure function of
 ``chaos.seed``, the event kind and the step (and, for kills inside a save, the save phase), so a
-failure can be replayed. Each event is appended to ``<run_dir>/chaos_events.jsonl`` and fsync'd
-*before* it is carried out, and fires at most once per run directory: a resumed run that replays
-a step does not die there again.
+failure can be replayed. Each event is appended to ``chaos_events.jsonl`` in the events folder
+(``chaos.events_dir``, by default the run directory) and fsync'd *before* it is carried out, and
+fires at most once per events folder: a resumed run that replays a step does not die there again.
+
+A node loss (``node_loss``) deletes the whole run directory, then SIGKILLs the trainer: the machine
+and its disk are gone, and only the object store (``checkpoint.remote``) keeps the run. Its events
+must be kept outside the run directory (``chaos.events_dir``), or the loss would erase its own
+record and strike again after every restart; the agent refuses to start otherwise.
 
 With ranks, the schedule also picks the victim rank of each event (a pure function of the seed,
 the kind and the step): only the victim kills itself, sends itself SIGTERM, or damages a file (its
 own files of the newest checkpoint). A kill before the rename may strike any rank; a kill at
-``before_rename`` or ``after_rename`` strikes rank 0, the committer. Each rank appends to its own
+``before_rename``, ``after_rename`` or ``uploading`` strikes rank 0, the committer and uploader.
+A node loss with ranks deletes the shared run directory. Each rank appends to its own
 ``chaos_events.rank<r>.jsonl``; every rank reads all of them, so nothing fires twice after torchrun
 restarts the group.
 
@@ -22,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -45,15 +52,18 @@ class Chaos(Observer):
     before the trainer sees it, so the proof can be shown to fail.
     """
 
-    def __init__(self, cfg: Any, run_dir: Path, group: Any = None) -> None:
-        self.schedule = ChaosSchedule(cfg)
+    def __init__(self, cfg: Any, run_dir: Path, group: Any = None, remote: bool = False) -> None:
+        """``remote``: the run uploads its checkpoints (``checkpoint.remote``), so save kills may strike the upload."""
+        self.schedule = ChaosSchedule(cfg, remote)
         self.run_dir = Path(run_dir)
+        self.events_dir = Path(cfg.events_dir) if cfg.events_dir else self.run_dir
+        _check_events_dir(self.schedule, self.events_dir, self.run_dir)
         self.rank = group.rank if group is not None else 0
         self.world_size = group.world_size if group is not None else 1
         self.skip_restore = str(cfg.skip_restore)
         phase, _, step = str(cfg.hold_phase).partition("@")
         self.hold = (phase, int(step) if step else None) if phase else None
-        self.fired = {(e.get("kind"), e.get("step")) for e in read_events(self.run_dir)}
+        self.fired = {(e.get("kind"), e.get("step")) for e in read_events(self.events_dir)}
         log.info(
             "chaos.enabled seed=%d rates=%s already_fired=%d", self.schedule.seed, self.schedule.rates, len(self.fired)
         )
@@ -70,8 +80,8 @@ class Chaos(Observer):
         event = {"kind": kind, "step": step, "time": time.time(), "pid": os.getpid(), **extra}
         if self.world_size > 1:
             event["rank"] = self.rank
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.run_dir / events_file(self.rank, self.world_size), "a") as f:
+        self.events_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.events_dir / events_file(self.rank, self.world_size), "a") as f:
             f.write(json.dumps(event) + "\n")
             f.flush()
             os.fsync(f.fileno())
@@ -131,10 +141,17 @@ class Chaos(Observer):
             self._die()
 
     def on_saved(self, trainer: Any, record: dict[str, Any]) -> None:
-        """After the step's checkpoint (if any): damage the newest committed one, then crash."""
+        """After the step's checkpoint (if any): damage the newest committed one, then crash; or lose the node."""
         step = record["step"]
-        if not self._due("corrupt", step):
-            return
+        if self._due("corrupt", step):
+            self._corrupt(trainer, step)
+        if self._due("node_loss", step):
+            self._record("node_loss", step, run_dir=str(self.run_dir))
+            shutil.rmtree(self.run_dir, ignore_errors=True)  # the disk goes with the machine
+            self._die()
+
+    def _corrupt(self, trainer: Any, step: int) -> None:
+        """Damage one file of the newest committed checkpoint, then crash (nothing to damage: nothing happens)."""
         trainer.ckpt.wait()
         found = committed(trainer.ckpt.root)
         if not found:
@@ -146,6 +163,18 @@ class Chaos(Observer):
         name = corrupt_checkpoint(target, how, seed=self.schedule.seed + step, rank=mine)
         log.warning("chaos.corrupted path=%s file=%s how=%s", target, name, how)
         self._die()
+
+
+def _check_events_dir(schedule: ChaosSchedule, events_dir: Path, run_dir: Path) -> None:
+    """A node loss deletes the run directory: its events must be recorded outside it."""
+    if not (schedule.rates["node_loss"] > 0 or schedule.steps["node_loss"]):
+        return
+    events, run = events_dir.resolve(), run_dir.resolve()
+    if events == run or run in events.parents:
+        raise ValueError(
+            f"chaos.events_dir={events_dir}: a node loss (chaos.node_loss_*) deletes the run directory {run_dir}; "
+            "keep the events in a folder outside it, or they are lost with it and the loss strikes again"
+        )
 
 
 class _Shifted:

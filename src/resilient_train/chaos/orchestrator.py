@@ -17,14 +17,23 @@ schedule picks (an external kill SIGKILLs one worker's pid, read from ``ranks/<r
 never torchrun). The comparison then covers every rank's files in the final checkpoints and every
 rank's per-step losses.
 
+With ``--remote`` a local S3 server (moto, :mod:`.local_s3`, its log under ``--out``) holds each
+trial's checkpoints: the chaos arm runs with ``checkpoint.remote=s3://.../trial_<t>`` and the
+server's environment, and the default schedule adds node losses (the trainer deletes its run
+directory, then SIGKILLs itself) and, when the seed allows it, a kill during an upload. The same
+command restarts it in the empty directory, and must resume from the store: the report gives the
+step each node loss resumed from (the restarted process's ``resume.remote step=N``). The
+reference arm needs no store (``checkpoint.*`` is not part of the config hash). The events are
+kept outside the run directory (``chaos.events_dir``), so that a node loss does not take them.
+
 The trainer is the installed package's (``python -m resilient_train.cli``), run in the caller's
 working directory; everything is written under ``--out``, by default
 ``./outputs/chaos/<timestamp>`` relative to that working directory. Importing this module does
 not import torch (the checkpoint comparison imports it when it runs).
 
-This module owns a trial's schedule, the processes (both arms, the restarts, the external kills),
-:func:`run_trial` and the command line (:func:`main`); comparing the arms and writing about them
-is :mod:`.report`.
+This module owns a trial's schedule, :func:`run_trial` and the command line (:func:`main`); the
+processes (both arms, the restarts, the external kills) are :mod:`.launch`; comparing the arms
+and writing about them is :mod:`.report`.
 
 Exit 0 only when every trial's arms are identical.
 """
@@ -32,36 +41,33 @@ Exit 0 only when every trial's arms are identical.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-import os
 import random
 import shutil
-import signal
-import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint.layout import CHECKPOINTS_DIR, committed
+from ..checkpoint.layout import CHECKPOINTS_DIR, UPLOAD_PHASE, committed
 from ..fsio import atomic_write
-from .report import DIFFERENCES, checkpoint_every, compare_arms, group_restarts, last_step, markdown, plot
-from .schedule import read_events
+from .launch import TRAIN_CMD, ChaosArm, run_chaos_arm, run_command, torchrun_command
+from .local_s3 import LocalS3
+from .report import DIFFERENCES, checkpoint_every, compare_arms, group_restarts, markdown, node_loss_resumes, plot
+from .schedule import read_events, save_phase
 
 __all__ = ["main", "run_trial", "default_schedule", "TRAIN_CMD"]
 
-#: The trainer, as installed: run with the caller's working directory, never a path inside a source tree.
-TRAIN_CMD = (sys.executable, "-m", "resilient_train.cli")
 
-
-def default_schedule(seed: int, steps: int, every: int) -> dict[str, list[int]]:
-    """Explicit event steps for one trial: two kills inside saves, a step kill, a SIGTERM, a corruption.
+def default_schedule(seed: int, steps: int, every: int, *, remote: bool = False) -> dict[str, list[int]]:
+    """Explicit event steps for one trial: two kills inside saves, a step kill, a SIGTERM, a corruption;
+    with ``remote`` (an object store) also two node losses, and one of the save kills during an upload.
 
     Save kills land on checkpoint steps (a save must be under way for them to strike). The other three
     strike after the first checkpoint; in a run too short for that (fewer than three such steps), only
     the corruption must (it damages a committed checkpoint, and does nothing before there is one), and
-    the step kill and SIGTERM may come earlier.
+    the step kill and SIGTERM may come earlier. Without ``remote`` the schedule is what it always was.
     """
     rng = random.Random(seed)
     save_steps = [s for s in range(every, steps, every)]
@@ -74,84 +80,34 @@ def default_schedule(seed: int, steps: int, every: int) -> dict[str, list[int]]:
         corrupt = late[-1:]
         two = rng.sample([s for s in plain if s not in corrupt], min(2, len(plain) - len(corrupt)))
         step_kill, sigterm = two[:1], two[1:]
-    return {
+    schedule = {
         "save_kill_steps": chosen_saves,
         "step_kill_steps": step_kill,
         "sigterm_steps": sigterm,
         "corrupt_steps": corrupt,
     }
+    if remote:
+        schedule.update(_remote_events(seed, steps, every, schedule))
+    return schedule
 
 
-def torchrun_command(nproc: int, max_restarts: int) -> list[str]:
-    """PyTorch's launcher running our trainer module on ``nproc`` local ranks."""
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={nproc}",
-        f"--max-restarts={max_restarts}",
-        "-m",
-        "resilient_train.cli",
-    ]
+def _remote_events(seed: int, steps: int, every: int, schedule: dict[str, list[int]]) -> dict[str, list[int]]:
+    """With a store: a save kill moved onto a checkpoint whose seeded phase is the upload (if one is), and
+    two node losses, each at least three steps after the first checkpoint so that its upload has landed."""
+    rng = random.Random(seed * 1_000_003 + 17)
+    saves = list(schedule["save_kill_steps"])
+    uploads = [s for s in range(every, steps, every) if save_phase(seed, s, remote=True) == UPLOAD_PHASE]
+    if uploads and not set(uploads) & set(saves):
+        saves[rng.randrange(len(saves))] = rng.choice(uploads)
+    used = {*saves, *(s for key, v in schedule.items() if key != "save_kill_steps" for s in v)}
+    free = [s for s in range(every + 3, steps) if s not in used]
+    return {"save_kill_steps": sorted(saves), "node_loss_steps": sorted(rng.sample(free, min(2, len(free))))}
 
 
-def _worker_pid(run_dir: Path, rank: int) -> int | None:
-    try:
-        beat = json.loads((run_dir / "ranks" / str(rank) / "heartbeat.json").read_text())
-        return int(beat["pid"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def _run(
-    cmd: list[str],
-    log_path: Path,
-    *,
-    kill_after: float | None = None,
-    run_dir: Path | None = None,
-    victim: int | None = None,
-) -> tuple[int, bool]:
-    """Run ``cmd``; with ``kill_after``, SIGKILL it from outside that many seconds after it trains a step.
-
-    Waiting for progress first means a slow start (a loaded machine) cannot starve the run. With
-    ``victim`` (a rank under torchrun) the kill strikes that rank's worker, not ``cmd`` itself, and
-    the launcher goes on (it restarts the group).
-    """
-    with open(log_path, "ab") as log:
-        log.write(f"\n$ {' '.join(cmd)}\n".encode())
-        log.flush()
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-        if kill_after is None or run_dir is None:
-            return proc.wait(), False
-        start_step, deadline = last_step(run_dir), None
-        while proc.poll() is None:
-            if deadline is None and last_step(run_dir) != start_step:
-                deadline = time.monotonic() + kill_after
-            if deadline is not None and time.monotonic() >= deadline:
-                if victim is None:
-                    proc.send_signal(signal.SIGKILL)
-                    proc.wait()
-                    return proc.returncode, True
-                pid = _worker_pid(run_dir, victim)
-                if pid is not None:
-                    try:
-                        os.kill(pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pid = None
-                if pid is not None:
-                    log.write(f"\n# orchestrator: SIGKILL rank {victim} worker pid {pid}\n".encode())
-                    log.flush()
-                    return proc.wait(), True
-                deadline = None  # that rank is between attempts: try again after the next step
-                start_step = last_step(run_dir)
-            time.sleep(0.05)
-        return proc.returncode, False
-
-
-def run_trial(args: argparse.Namespace, trial: int, out: Path) -> dict[str, Any]:
-    """One trial under ``out/trial_<trial>``: the reference arm, the chaos arm restarted until it finishes,
-    then both compared; the trial's entry in the report."""
+def run_trial(args: argparse.Namespace, trial: int, out: Path, s3: LocalS3 | None = None) -> dict[str, Any]:
+    """One trial under ``out/trial_<trial>``: the reference arm, the chaos arm restarted until it finishes
+    (with ``s3``: uploading to it, node losses resumed from it), then both compared; the trial's entry in
+    the report."""
     seed = args.seed + trial
     tdir = out / f"trial_{trial}"
     tdir.mkdir(parents=True, exist_ok=True)
@@ -159,40 +115,52 @@ def run_trial(args: argparse.Namespace, trial: int, out: Path) -> dict[str, Any]
     ranked = args.nproc > 1
     ref_cmd = torchrun_command(args.nproc, 0) if ranked else list(TRAIN_CMD)
     chaos_cmd = torchrun_command(args.nproc, args.torchrun_restarts) if ranked else list(TRAIN_CMD)
-    ref_dir, chaos_dir = tdir / "reference", tdir / "chaos"
+    ref_dir, chaos_dir, events_dir = tdir / "reference", tdir / "chaos", tdir / "events"
     t0 = time.time()
-    rc, _ = _run([*ref_cmd, *common, f"hydra.run.dir={ref_dir}"], tdir / "reference.log")
+    rc, _ = run_command([*ref_cmd, *common, f"hydra.run.dir={ref_dir}"], tdir / "reference.log")
     ref_secs = time.time() - t0
     if rc != 0:
         return _failed(trial, args.steps, 0, f"reference run failed with exit {rc}; see {tdir / 'reference.log'}")
 
-    chaos_args = _chaos_overrides(args, seed, ref_dir)
+    chaos_args = _chaos_overrides(args, seed, ref_dir, events_dir)
+    if s3 is not None:
+        chaos_args.append(f"checkpoint.remote={s3.url(f'trial_{trial}')}")
     cmd = [*chaos_cmd, *common, f"hydra.run.dir={chaos_dir}", "resume_from=auto", *chaos_args]
     t0 = time.time()
-    arm = _run_chaos_arm(args, seed, cmd, tdir / "chaos.log", chaos_dir)
+    env = s3.env() if s3 is not None else None
+    arm = run_chaos_arm(args, seed, cmd, tdir / "chaos.log", chaos_dir, events_dir=events_dir, env=env)
     if arm.error is not None:
         return _failed(trial, args.steps, arm.restarts, arm.error)
-    chaos_secs = time.time() - t0
+    result = _compare(args, trial, arm, tdir, events_dir)
+    result["seed"] = seed
+    result["reference"]["secs"], result["chaos"]["secs"] = round(ref_secs, 1), round(time.time() - t0, 1)
+    plot(tdir / "loss.png", ref_dir, chaos_dir, result["events"], trial)
+    return result
 
-    events = _events(chaos_dir, arm.external)
+
+def _compare(args: argparse.Namespace, trial: int, arm: ChaosArm, tdir: Path, events_dir: Path) -> dict[str, Any]:
+    """The trial's entry in the report: both arms compared, the events, each node loss and where it resumed."""
+    ref_dir, chaos_dir = tdir / "reference", tdir / "chaos"
+    node_losses = node_loss_resumes(tdir / "chaos.log")
     ref_ckpt = committed(ref_dir / CHECKPOINTS_DIR)[-1]
     chaos_ckpt = committed(chaos_dir / CHECKPOINTS_DIR)[-1]
-    diffs = compare_arms(ref_dir, chaos_dir, ref_ckpt, chaos_ckpt, nproc=args.nproc, steps=args.steps)
-    result = {
+    diffs = compare_arms(
+        ref_dir, chaos_dir, ref_ckpt, chaos_ckpt, nproc=args.nproc, steps=args.steps, node_losses=node_losses
+    )
+    ranked = args.nproc > 1
+    return {
         "trial": trial,
-        "seed": seed,
         "identical": all(diffs[k] is None for k in DIFFERENCES),
         "steps": args.steps,
         "restarts": arm.restarts + (group_restarts(tdir / "chaos.log") if ranked else 0),
         "nproc": args.nproc,
         "exit_codes": arm.exits,
-        "events": events,
+        "events": _events(events_dir, arm.external, node_losses),
+        "node_losses": node_losses,
         **diffs,
-        "reference": {"run_dir": str(ref_dir), "final": str(ref_ckpt), "secs": round(ref_secs, 1)},
-        "chaos": {"run_dir": str(chaos_dir), "final": str(chaos_ckpt), "secs": round(chaos_secs, 1)},
+        "reference": {"run_dir": str(ref_dir), "final": str(ref_ckpt)},
+        "chaos": {"run_dir": str(chaos_dir), "final": str(chaos_ckpt)},
     }
-    plot(tdir / "loss.png", ref_dir, chaos_dir, result["events"], trial)
-    return result
 
 
 def _common_overrides(args: argparse.Namespace) -> list[str]:
@@ -208,78 +176,33 @@ def _common_overrides(args: argparse.Namespace) -> list[str]:
     return common
 
 
-def _chaos_overrides(args: argparse.Namespace, seed: int, ref_dir: Path) -> list[str]:
-    """The chaos arm's own overrides: chaos on, with the rates or the default schedule, and the negative control."""
-    chaos_args = ["chaos.enabled=true", f"chaos.seed={seed}"]
+def _chaos_overrides(args: argparse.Namespace, seed: int, ref_dir: Path, events_dir: Path) -> list[str]:
+    """The chaos arm's own overrides: chaos on, with the rates or the default schedule, its events kept
+    outside the run directory, and the negative control."""
+    chaos_args = ["chaos.enabled=true", f"chaos.seed={seed}", f"chaos.events_dir={events_dir}"]
     if args.rates:
         chaos_args += ["chaos=default"]
     else:
         every = checkpoint_every(ref_dir)
-        for key, steps in default_schedule(seed, args.steps, every).items():
+        for key, steps in default_schedule(seed, args.steps, every, remote=args.remote).items():
             chaos_args.append(f"chaos.{key}=[{','.join(map(str, steps))}]")
     if args.skip_restore:
         chaos_args.append(f"chaos.skip_restore={args.skip_restore}")
     return chaos_args
 
 
-@dataclass
-class _ChaosArm:
-    """What running the chaos arm came to: restarts, external kills, every exit code, or why it stopped short."""
-
-    restarts: int = 0
-    external: list[dict[str, Any]] = field(default_factory=list)
-    exits: list[int] = field(default_factory=list)
-    error: str | None = None
-
-
-def _run_chaos_arm(args: argparse.Namespace, seed: int, cmd: list[str], log_path: Path, run_dir: Path) -> _ChaosArm:
-    """Run ``cmd`` until it exits 0, restarting it after every kill or preemption (within the budget) and
-    SIGKILLing it from outside at random with ``--external-kill``."""
-    ranked = args.nproc > 1
-    ext_rng = random.Random(seed * 7919 + 1)
-    arm = _ChaosArm()
-    while True:
-        kill_after = None
-        if args.external_kill and len(arm.external) < args.external_kills:
-            kill_after = ext_rng.uniform(0.0, args.external_max)
-        victim = ext_rng.randrange(args.nproc) if ranked else None
-        log_at = log_path.stat().st_size if log_path.exists() else 0
-        rc, killed = _run(cmd, log_path, kill_after=kill_after, run_dir=run_dir, victim=victim)
-        arm.exits.append(rc)
-        if killed:
-            step = last_step(run_dir)
-            arm.external.append({"kind": "external_kill", "step": step, "time": time.time(), "rank": victim})
-        if rc == 0:
-            return arm
-        arm.error = _no_restart(rc, ranked, log_path, log_at)
-        if arm.error is not None:
-            return arm
-        arm.restarts += 1
-        if arm.restarts > args.max_restarts:
-            arm.error = f"restart budget ({args.max_restarts}) ran out before step {args.steps}"
-            return arm
-
-
-def _no_restart(rc: int, ranked: bool, log_path: Path, log_at: int) -> str | None:
-    """Why the chaos arm must not be restarted after exiting with ``rc``; None after a kill or preemption."""
-    # torchrun exits 1 once its restarts are spent, whatever its workers' codes were.
-    allowed = (1,) if ranked else (75, -signal.SIGKILL, 128 + signal.SIGKILL, 130)
-    if rc not in allowed:
-        return f"chaos arm exited with {rc} (not a kill or preemption); see {log_path}"
-    with open(log_path, "rb") as f:  # what this launch wrote
-        f.seek(log_at)
-        started = b"train.start " in f.read()
-    if ranked and not started:  # every attempt of that launch was refused before training: stop here
-        return f"torchrun gave up, no attempt started training; see {log_path}"
-    return None
-
-
-def _events(run_dir: Path, external: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The chaos arm's events, as its trainer recorded them and as the external kills struck, by step."""
+def _events(
+    events_dir: Path, external: list[dict[str, Any]], node_losses: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """The chaos arm's events, as its trainer recorded them and as the external kills struck, by step; a
+    node loss with the step its restart resumed from and where (``resumed_from``, ``source``)."""
     keys = ("kind", "step", "phase", "how", "rank")
-    events = [{k: v for k, v in e.items() if k in keys} for e in read_events(run_dir)] + [
-        {k: v for k, v in e.items() if k in keys and v is not None} for e in external
-    ]
+    resumed = {loss["step"]: {k: loss[k] for k in ("resumed_from", "source")} for loss in node_losses}
+    events = [
+        {k: v for k, v in e.items() if k in keys}
+        | (resumed.get(e.get("step"), {}) if e.get("kind") == "node_loss" else {})
+        for e in read_events(events_dir)
+    ] + [{k: v for k, v in e.items() if k in keys and v is not None} for e in external]
     # An external kill may strike before the first step (no step recorded): it sorts first.
     return sorted(events, key=lambda e: e["step"] if e.get("step") is not None else -1)
 
@@ -289,8 +212,8 @@ def _failed(trial: int, steps: int, restarts: int, error: str) -> dict[str, Any]
     return {"trial": trial, "identical": False, "restarts": restarts, "steps": steps, "events": [], "error": error}
 
 
-def main(argv: list[str] | None = None) -> int:
-    # Long on purpose: one argument per option, then the trials in order: read top to bottom.
+def _parser() -> argparse.ArgumentParser:
+    # Long on purpose: one argument per option.
     p = argparse.ArgumentParser(
         prog="python -m resilient_train.orchestrator", description="Kill, resume, compare bit for bit."
     )
@@ -322,6 +245,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--torchrun-restarts", type=int, default=10, help="torchrun --max-restarts for the chaos arm (default 10)"
     )
+    p.add_argument(
+        "--remote",
+        action="store_true",
+        help="upload the chaos arm's checkpoints to a local S3 server (moto) and add node losses, which must "
+        "resume from it",
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = _parser()
     args = p.parse_args(argv)
     if args.nproc < 1:
         p.error("--nproc must be >= 1")
@@ -329,33 +263,39 @@ def main(argv: list[str] | None = None) -> int:
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     trials = []
-    for trial in range(args.trials):
-        r = run_trial(args, trial, out)
-        trials.append(r)
-        problems = [r.get(k) for k in ("error", *DIFFERENCES)]
-        print(
-            f"trial {trial}: {'identical' if r['identical'] else 'DIFFERENT'} restarts={r['restarts']} "
-            f"events={len(r['events'])}",
-            *[f"\n  {p}" for p in problems if p],
-            flush=True,
-        )
-    events = [dict(e, trial=t["trial"]) for t in trials for e in t["events"]]
-    report = {
-        "identical": all(t["identical"] for t in trials),
-        "experiment": args.experiment,
-        "nproc": args.nproc,
-        "steps": args.steps,
-        "restarts": sum(t["restarts"] for t in trials),
-        "events": events,
-        "first_diverging_step": next((t.get("first_diverging_step") for t in trials if not t["identical"]), None),
-        "trials": trials,
-    }
+    with LocalS3(out / "s3") if args.remote else contextlib.nullcontext() as s3:
+        for trial in range(args.trials):
+            r = run_trial(args, trial, out, s3)
+            trials.append(r)
+            problems = [r.get(k) for k in ("error", *DIFFERENCES)]
+            print(
+                f"trial {trial}: {'identical' if r['identical'] else 'DIFFERENT'} restarts={r['restarts']} "
+                f"events={len(r['events'])}",
+                *[f"\n  {p}" for p in problems if p],
+                flush=True,
+            )
+    report = _report(args, trials)
     atomic_write(out / "report.json", json.dumps(report, indent=1))
     atomic_write(out / "report.md", markdown(report))
     if (out / "trial_0" / "loss.png").exists():
         shutil.copyfile(out / "trial_0" / "loss.png", out / "loss.png")
     print(out / "report.json")
     return 0 if report["identical"] else 1
+
+
+def _report(args: argparse.Namespace, trials: list[dict[str, Any]]) -> dict[str, Any]:
+    """``report.json``: the verdict over every trial, then the trials."""
+    return {
+        "identical": all(t["identical"] for t in trials),
+        "experiment": args.experiment,
+        "nproc": args.nproc,
+        "remote": args.remote,
+        "steps": args.steps,
+        "restarts": sum(t["restarts"] for t in trials),
+        "events": [dict(e, trial=t["trial"]) for t in trials for e in t["events"]],
+        "first_diverging_step": next((t.get("first_diverging_step") for t in trials if not t["identical"]), None),
+        "trials": trials,
+    }
 
 
 if __name__ == "__main__":

@@ -2,9 +2,14 @@
 
 Owns: the comparison of the two arms of a trial (:func:`compare_arms`: final checkpoints with
 :func:`resilient_train.checkpoint.compare_checkpoints`, every rank's per-step losses with
-:func:`compare_histories`, the best pointers); ``report.md`` (:func:`markdown`); a trial's
-``loss.png`` (:func:`plot`); and the small readers of a run directory's files the orchestrator
-needs (:func:`last_step`, :func:`checkpoint_every`, :func:`group_restarts`).
+:func:`compare_histories`, the best pointers, and whether every node loss was recovered from the
+object store); ``report.md`` (:func:`markdown`); a trial's ``loss.png`` (:func:`plot`); and the
+small readers of a run's files the orchestrator needs (:func:`last_step`,
+:func:`checkpoint_every`, :func:`group_restarts`, :func:`node_loss_resumes`).
+
+A node loss takes the run directory with it, ``history.jsonl`` included: the per-step losses are
+then compared from the step after the one the last node loss resumed from (each of those steps
+exactly once); the final checkpoints are compared in full, as always.
 
 Importing this module does not import torch (the checkpoint comparison imports it when it runs)
 nor matplotlib (the plot imports it when it draws).
@@ -12,6 +17,8 @@ nor matplotlib (the plot imports it when it draws).
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,14 +34,16 @@ __all__ = [
     "last_step",
     "checkpoint_every",
     "group_restarts",
+    "node_loss_resumes",
 ]
 
 #: The keys of :func:`compare_arms`'s answer that name a difference; a trial is identical when all are None.
-DIFFERENCES = ("checkpoint_difference", "history_difference", "best_difference")
+DIFFERENCES = ("checkpoint_difference", "history_difference", "best_difference", "node_loss_difference")
 
 
-def compare_histories(ref: list[dict[str, Any]], other: list[dict[str, Any]], steps: int) -> str | None:
-    """The first step whose train loss differs, or at which a step is missing or repeated."""
+def compare_histories(ref: list[dict[str, Any]], other: list[dict[str, Any]], steps: int, first: int = 1) -> str | None:
+    """The first step (from ``first`` on) whose train loss differs, or at which a step is missing or repeated."""
+    ref, other = ([r for r in rs if int(r.get("step", 0)) >= first] for rs in (ref, other))
 
     def by_step(records: list[dict[str, Any]], kind: str) -> dict[int, list[dict[str, Any]]]:
         out: dict[int, list[dict[str, Any]]] = {}
@@ -54,25 +63,35 @@ def compare_histories(ref: list[dict[str, Any]], other: list[dict[str, Any]], st
                     if x.get(k) != y.get(k):
                         return f"step {step}: {kind} {k} {x.get(k)!r} (reference) vs {y.get(k)!r} (chaos)"
     train_steps = sorted(int(r["step"]) for r in other if r.get("kind") == "train")
-    if train_steps != list(range(1, steps + 1)):
-        return f"chaos arm logged train steps {train_steps[:5]}... not exactly 1..{steps}"
+    if train_steps != list(range(first, steps + 1)):
+        return f"chaos arm logged train steps {train_steps[:5]}... not exactly {first}..{steps}"
     return None
 
 
 def compare_arms(
-    ref_dir: Path, chaos_dir: Path, ref_ckpt: Path, chaos_ckpt: Path, *, nproc: int, steps: int
+    ref_dir: Path,
+    chaos_dir: Path,
+    ref_ckpt: Path,
+    chaos_ckpt: Path,
+    *,
+    nproc: int,
+    steps: int,
+    node_losses: Sequence[dict[str, Any]] = (),
 ) -> dict[str, Any]:
     """The first difference (None where there is none) between the arms' final checkpoints ``ref_ckpt`` and
-    ``chaos_ckpt``, their per-step losses (rank 0's history, then every other rank's) and their best
-    pointers; and the step at which the losses first differ."""
+    ``chaos_ckpt``, their per-step losses (rank 0's history, then every other rank's; after a node loss
+    from the step after the one it resumed from) and their best pointers; the first node loss that was
+    not resumed from the store (``node_losses``: :func:`node_loss_resumes`); the step at which the
+    losses first differ and the first step compared (``history_from``)."""
     # torch: only once the arms are run and compared, so that importing this module stays light.
     from ..checkpoint import compare_checkpoints
 
     ckpt_diff = compare_checkpoints(ref_ckpt, chaos_ckpt)
     hist_diff = None
+    first = (node_losses[-1]["resumed_from"] or 0) + 1 if node_losses else 1
     for rank in range(nproc):  # rank 0's history.jsonl, then every other rank's own losses
         where = (lambda d: d) if rank == 0 else (lambda d, r=rank: d / "ranks" / str(r))
-        diff = compare_histories(read_history(where(ref_dir)), read_history(where(chaos_dir)), steps)
+        diff = compare_histories(read_history(where(ref_dir)), read_history(where(chaos_dir)), steps, first)
         if diff is not None:
             hist_diff = diff if rank == 0 else f"rank {rank}: {diff}"
             break
@@ -82,8 +101,23 @@ def compare_arms(
         "checkpoint_difference": ckpt_diff,
         "history_difference": hist_diff,
         "best_difference": best_diff,
+        "node_loss_difference": _unrecovered(node_losses),
         "first_diverging_step": _first_step(hist_diff),
+        "history_from": first,
     }
+
+
+def _unrecovered(node_losses: Sequence[dict[str, Any]]) -> str | None:
+    """The first node loss whose restart did not resume from the object store, said in words."""
+    for loss in node_losses:
+        if loss["source"] != "store":
+            how = {
+                "local": f"from a local checkpoint (step {loss['resumed_from']}) that should have gone with the node",
+                "fresh": "from nothing (a fresh start at step 0)",
+                None: "never (no start followed it)",
+            }[loss["source"]]
+            return f"node loss at step {loss['step']}: the restart resumed {how}, not from the object store"
+    return None
 
 
 # -- a run directory's files -------------------------------------------------------------------
@@ -93,6 +127,30 @@ def group_restarts(log_path: Path) -> int:
     """Times torchrun restarted the group within its launches (rank 0 joined a group with restart > 0)."""
     text = log_path.read_text(errors="replace") if log_path.exists() else ""
     return sum(1 for line in text.splitlines() if "dist.init rank=0 " in line and " restart=0 " not in line)
+
+
+_NODE_LOSS_LINE = re.compile(r"chaos\.node_loss step=(\d+) rank=(\d+)")
+#: What a start logs about its checkpoint: downloaded from the store, resumed (any checkpoint), or none.
+_RESUME_LINE = re.compile(r"resume\.remote step=(\d+)|\bresume step=(\d+)|\bresume\.none\b")
+
+
+def node_loss_resumes(log_path: Path) -> list[dict[str, Any]]:
+    """Each node loss in the chaos arm's log (``chaos.node_loss step=S rank=R``), in order, with where the
+    next start resumed: ``resumed_from`` (its step; 0 for a fresh start, None if no start followed)
+    and ``source``: ``store`` (``resume.remote step=N``), ``local`` (``resume step=N`` alone) or ``fresh``."""
+    text = log_path.read_text(errors="replace") if log_path.exists() else ""
+    losses: list[dict[str, Any]] = []
+    pending: list[dict[str, Any]] = []
+    for line in text.splitlines():
+        if m := _NODE_LOSS_LINE.search(line):
+            pending.append({"step": int(m[1]), "rank": int(m[2]), "resumed_from": None, "source": None})
+            losses.append(pending[-1])
+        elif (r := _RESUME_LINE.search(line)) and pending:
+            for loss in pending:
+                loss["resumed_from"] = int(r[1] or r[2] or 0)
+                loss["source"] = "store" if r[1] else "local" if r[2] else "fresh"
+            pending = []
+    return losses
 
 
 def checkpoint_every(run_dir: Path) -> int:
@@ -137,6 +195,7 @@ def plot(path: Path, ref_dir: Path, chaos_dir: Path, events: list[dict[str, Any]
         "save_kill": "purple",
         "sigterm": "orange",
         "corrupt": "brown",
+        "node_loss": "green",
         "external_kill": "black",
     }
     seen = set()
@@ -178,16 +237,31 @@ def markdown(report: dict[str, Any]) -> str:
             continue
         lines += ["| step | event | rank | detail |", "| ---: | --- | ---: | --- |"]
         for e in t["events"]:
-            detail = e.get("phase") or e.get("how") or ""
-            lines.append(f"| {e['step']} | {e['kind']} | {e.get('rank', 0)} | {detail} |")
+            step = e.get("step", "-")  # an external kill before the restarted trainer's first step has none
+            lines.append(f"| {step} | {e['kind']} | {e.get('rank', 0)} | {_detail(e)} |")
+        first = t.get("history_from", 1)
+        every = "identical at every step" + (
+            f" from {first} (steps 1-{first - 1} were lost with the node)" if first > 1 else ""
+        )
         lines += [
             "",
             f"- restarts: {t['restarts']}, exit codes: {t['exit_codes']}",
             f"- final checkpoints: {t['checkpoint_difference'] or 'identical, bit for bit'}",
-            f"- per-step losses: {t['history_difference'] or 'identical at every step'}",
+            f"- per-step losses: {t['history_difference'] or every}",
             f"- best pointer: {t['best_difference'] or 'same step'}",
+        ]
+        if t.get("node_losses"):
+            lines.append(f"- node losses: {t['node_loss_difference'] or 'every restart resumed from the store'}")
+        lines += [
             f"- time: reference {t['reference']['secs']} s, chaos arm {t['chaos']['secs']} s",
             f"- plot: `trial_{t['trial']}/loss.png`",
             "",
         ]
     return "\n".join(lines)
+
+
+def _detail(event: dict[str, Any]) -> str:
+    if event["kind"] == "node_loss":
+        source = event.get("source") or "no restart"
+        return f"resumed from step {event.get('resumed_from')} ({source})"
+    return event.get("phase") or event.get("how") or ""

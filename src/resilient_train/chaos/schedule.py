@@ -1,10 +1,15 @@
 """The fault schedule, the events it records and the damage it does; torch-free (the orchestrator uses it).
 
 The schedule is a pure function of ``chaos.seed``, the event kind and the step (and, for kills
-inside a save, the save phase), so a failure can be replayed. With ranks it also picks the victim
-rank of each event: a kill before the rename may strike any rank; a kill at ``before_rename`` or
-``after_rename`` strikes rank 0, the committer. Each event is appended to
-``<run_dir>/chaos_events.jsonl`` (``chaos_events.rank<r>.jsonl`` with ranks) before it is carried out.
+inside a save, the save phase), so a failure can be replayed; each kind and step has its own
+seeded draw, so adding a kind moves no other kind's events. With ``checkpoint.remote`` half the
+kills inside a save (a draw of their own) strike the upload instead (``uploading``: files on the
+store, manifest not yet); the others, and every kill without a store, keep the save phase they
+always had. With ranks it also picks the victim rank of
+each event: a kill before the rename may strike any rank; a kill at ``before_rename``,
+``after_rename`` or ``uploading`` strikes rank 0, the committer and uploader. Each event is
+appended to ``chaos_events.jsonl`` (``chaos_events.rank<r>.jsonl`` with ranks) in the events
+folder (``chaos.events_dir``, by default the run directory) before it is carried out.
 """
 
 from __future__ import annotations
@@ -16,14 +21,24 @@ import random
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint.layout import SAVE_PHASES
+from ..checkpoint.layout import SAVE_PHASES, UPLOAD_PHASE
+from ..config.chaos import EVENT_KINDS
 
-__all__ = ["ChaosSchedule", "EVENT_KINDS", "EVENTS_FILE", "events_file", "read_events", "corrupt_checkpoint"]
+__all__ = [
+    "ChaosSchedule",
+    "EVENT_KINDS",
+    "EVENTS_FILE",
+    "events_file",
+    "read_events",
+    "save_phase",
+    "corrupt_checkpoint",
+]
 
 EVENTS_FILE = "chaos_events.jsonl"
-EVENT_KINDS = ("step_kill", "save_kill", "sigterm", "corrupt")
-#: Save phases only rank 0 (the committer) reaches.
-COMMITTER_PHASES = ("before_rename", "after_rename")
+#: Save phases only rank 0 (the committer, and the uploader) reaches.
+COMMITTER_PHASES = ("before_rename", "after_rename", UPLOAD_PHASE)
+#: With ``checkpoint.remote``: the share of save kills that strike the upload instead of the save.
+UPLOAD_KILL_SHARE = 0.5
 
 
 def _rng(seed: int, kind: str, step: int) -> random.Random:
@@ -31,11 +46,27 @@ def _rng(seed: int, kind: str, step: int) -> random.Random:
     return random.Random(int.from_bytes(digest[:8], "little"))
 
 
-class ChaosSchedule:
-    """Which events the schedule holds at a step: a pure function of (seed, kind, step)."""
+def save_phase(seed: int, step: int, remote: bool = False) -> str:
+    """The stage at which a ``save_kill`` at ``step`` strikes.
 
-    def __init__(self, cfg: Any) -> None:
+    With a store (``remote``) a draw of its own sends :data:`UPLOAD_KILL_SHARE` of the save kills to the
+    upload; every other one keeps the phase it has without a store.
+    """
+    if remote and _rng(seed, "upload_phase", step).random() < UPLOAD_KILL_SHARE:
+        return UPLOAD_PHASE
+    return _rng(seed, "save_phase", step).choice(SAVE_PHASES)
+
+
+class ChaosSchedule:
+    """Which events the schedule holds at a step: a pure function of (seed, kind, step).
+
+    ``remote``: the run uploads to an object store (``checkpoint.remote``), so a save kill may strike
+    the upload too.
+    """
+
+    def __init__(self, cfg: Any, remote: bool = False) -> None:
         self.seed = int(cfg.seed)
+        self.remote = remote
         self.rates = {k: float(getattr(cfg, f"{k}_rate")) for k in EVENT_KINDS}
         self.steps = {k: {int(s) for s in getattr(cfg, f"{k}_steps")} for k in EVENT_KINDS}
 
@@ -44,7 +75,7 @@ class ChaosSchedule:
 
     def save_phase(self, step: int) -> str:
         """The save stage at which a ``save_kill`` at ``step`` strikes."""
-        return _rng(self.seed, "save_phase", step).choice(SAVE_PHASES)
+        return save_phase(self.seed, step, self.remote)
 
     def corruption(self, step: int) -> str:
         return _rng(self.seed, "corruption", step).choice(("flip_byte", "truncate"))
@@ -72,10 +103,10 @@ def events_file(rank: int, world_size: int) -> str:
     return EVENTS_FILE if world_size <= 1 else f"chaos_events.rank{rank}.jsonl"
 
 
-def read_events(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    """Every event recorded in the run (``chaos_events.jsonl`` and every rank's file), in time order."""
+def read_events(events_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """Every event recorded in the events folder (``chaos_events.jsonl`` and every rank's file), in time order."""
     out = []
-    for path in sorted(Path(run_dir).glob("chaos_events*.jsonl")):
+    for path in sorted(Path(events_dir).glob("chaos_events*.jsonl")):
         for line in path.read_text().splitlines():
             try:
                 out.append(json.loads(line))

@@ -36,6 +36,8 @@ __all__ = [
     "TMP_PREFIX",
     "TRASH_PREFIX",
     "SAVE_PHASES",
+    "UPLOAD_PHASE",
+    "HOOK_PHASES",
     "step_dir_name",
     "parse_step",
     "committed",
@@ -58,6 +60,11 @@ BEST_POINTER = "best.json"
 TRASH_PREFIX = ".trash-"
 #: Stages of a save, in order; the manager calls its save hooks (chaos, the tests' hold) at each one.
 SAVE_PHASES = ("files_partial", "files_written", "before_rename", "after_rename")
+#: The phase the uploader reports once a checkpoint's files are on the store and before its manifest
+#: (``checkpoint.remote`` only; a kill there leaves an uncommitted upload).
+UPLOAD_PHASE = "uploading"
+#: Every phase a save hook is told: the save's own, then the upload's.
+HOOK_PHASES = (*SAVE_PHASES, UPLOAD_PHASE)
 _STEP_RE = re.compile(r"step_([0-9]{8})")
 #: A ``best.json`` larger than this is damaged (a real one is under 100 bytes); it is never read.
 MAX_POINTER_BYTES = 1 << 20

@@ -150,7 +150,7 @@ def _build(plan: ResumePlan, run_dir: Path, g: Group) -> Trainer:
     if cfg.chaos.enabled:
         from ..chaos.agent import Chaos  # only imported when chaos is on
 
-        chaos = Chaos(cfg.chaos, run_dir, g)
+        chaos = Chaos(cfg.chaos, run_dir, g, remote=bool(cfg.checkpoint.remote))
     trainer = Trainer(
         cfg,
         run_dir,

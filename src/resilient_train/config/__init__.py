@@ -9,7 +9,7 @@ type cannot express (ranges, FSQ levels, frame counts the model can take) and re
 problem in one ``ValueError``. :mod:`.values` holds what the validators share.
 
 May import: the standard library, hydra and omegaconf, and the torch-free ``checkpoint.layout``
-(``SAVE_PHASES``) and ``checkpoint.store`` (the store URL schemes). Never torch, nor anything
+(``HOOK_PHASES``) and ``checkpoint.store`` (the store URL schemes). Never torch, nor anything
 else. The YAML configs are not here: they live in ``resilient_train/configs`` (:data:`CONFIG_DIR`).
 """
 

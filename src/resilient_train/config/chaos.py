@@ -1,10 +1,13 @@
-"""The ``chaos`` section: the faults a run injects into itself (kills, SIGTERMs, corruption), and its checks."""
+"""The ``chaos`` section: the faults a run injects into itself (kills, SIGTERMs, corruption, node loss), its checks."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .values import AtLeast, Get, Need, RealRange, int_ge, plain_list
+from .values import AtLeast, Get, Need, RealRange, finite, int_ge, plain_list
+
+#: The event kinds: each has a ``chaos.<kind>_rate`` and a ``chaos.<kind>_steps`` key (the schedule's order).
+EVENT_KINDS = ("step_kill", "save_kill", "sigterm", "corrupt", "node_loss")
 
 
 @dataclass
@@ -16,14 +19,20 @@ class ChaosConfig:
     save_kill_rate: float = 0.0
     sigterm_rate: float = 0.0
     corrupt_rate: float = 0.0
+    node_loss_rate: float = 0.0
     # Explicit steps, in addition to the rates.
     step_kill_steps: list[int] = field(default_factory=list)
     save_kill_steps: list[int] = field(default_factory=list)
     sigterm_steps: list[int] = field(default_factory=list)
     corrupt_steps: list[int] = field(default_factory=list)
+    # A node loss deletes the whole run directory, then SIGKILLs the trainer (the machine and its disk are gone).
+    node_loss_steps: list[int] = field(default_factory=list)
+    # Where the events are recorded ("" = the run directory); a node loss needs a folder outside the run directory.
+    events_dir: str = ""
     # Negative control: on resume, drop one restored part ("", "rng", "data") so the proof must fail.
     skip_restore: str = ""
-    # For tests: park the checkpoint writer at a save phase ("<phase>" or "<phase>@<step>") to SIGKILL it there.
+    # For tests: park the checkpoint writer at a save phase, or the uploader at "uploading" ("<phase>" or
+    # "<phase>@<step>"), to SIGKILL it there.
     hold_phase: str = ""
 
 
@@ -32,17 +41,15 @@ class ChaosConfig:
 
 AT_LEAST: tuple[AtLeast, ...] = (AtLeast("chaos.seed", 0),)
 
-REAL_RANGES: tuple[RealRange, ...] = (
-    RealRange("chaos.step_kill_rate", 0, True, 1, True, "must be a probability in [0, 1]"),
-    RealRange("chaos.save_kill_rate", 0, True, 1, True, "must be a probability in [0, 1]"),
-    RealRange("chaos.sigterm_rate", 0, True, 1, True, "must be a probability in [0, 1]"),
-    RealRange("chaos.corrupt_rate", 0, True, 1, True, "must be a probability in [0, 1]"),
+REAL_RANGES: tuple[RealRange, ...] = tuple(
+    RealRange(f"chaos.{kind}_rate", 0, True, 1, True, "must be a probability in [0, 1]") for kind in EVENT_KINDS
 )
 
 
-def check_chaos(get: Get, need: Need, save_phases: tuple[str, ...]) -> None:
-    """The chaos checks beyond :data:`AT_LEAST` and :data:`REAL_RANGES`; ``hold_phase`` names one of ``save_phases``."""
-    for kind in ("step_kill", "save_kill", "sigterm", "corrupt"):
+def check_chaos(get: Get, need: Need, hook_phases: tuple[str, ...]) -> None:
+    """The chaos checks beyond :data:`AT_LEAST` and :data:`REAL_RANGES`; ``hold_phase`` names one of
+    ``hook_phases`` (the save's phases and the upload's)."""
+    for kind in EVENT_KINDS:
         key = f"chaos.{kind}_steps"
         steps = plain_list(get(key))
         need(
@@ -56,8 +63,19 @@ def check_chaos(get: Get, need: Need, save_phases: tuple[str, ...]) -> None:
     hold = get("chaos.hold_phase")
     hold_phase, at, hold_step = (hold if isinstance(hold, str) else "?").partition("@")
     need(
-        (hold_phase == "" and not at) or (hold_phase in save_phases and (not at or hold_step.isdigit())),
+        (hold_phase == "" and not at) or (hold_phase in hook_phases and (not at or hold_step.isdigit())),
         "chaos.hold_phase",
         hold,
-        f"must be '' or one of {list(save_phases)}, optionally followed by @STEP",
+        f"must be '' or one of {list(hook_phases)}, optionally followed by @STEP",
+    )
+    events_dir = get("chaos.events_dir")
+    need(isinstance(events_dir, str), "chaos.events_dir", events_dir, "must be a path ('' = the run directory)")
+    rate = get("chaos.node_loss_rate")
+    node_loss = bool(plain_list(get("chaos.node_loss_steps"))) or (finite(rate) and rate > 0)
+    need(
+        not (get("chaos.enabled") is True and node_loss) or bool(events_dir),
+        "chaos.events_dir",
+        events_dir,
+        "must name a folder outside the run directory when a node loss is scheduled (chaos.node_loss_*): "
+        "the node loss deletes the run directory, and its events with it",
     )

@@ -29,7 +29,7 @@ def validate_config(cfg: Any) -> None:
     paths and names, booleans). Nothing but that one ``ValueError`` escapes, whatever the values
     (a config read back from a checkpoint is not type-checked by the schema).
     """
-    from ..checkpoint.layout import SAVE_PHASES
+    from ..checkpoint.layout import HOOK_PHASES
 
     errors: list[str] = []
 
@@ -47,14 +47,14 @@ def validate_config(cfg: Any) -> None:
         return node
 
     try:
-        _check_sections(get, need, SAVE_PHASES)
+        _check_sections(get, need, HOOK_PHASES)
     except Exception as exc:  # a backstop: every check is written not to raise
         errors.append(f"the configuration could not be checked completely ({type(exc).__name__}: {exc})")
     if errors:
         raise ValueError("invalid configuration:\n  " + "\n  ".join(errors))
 
 
-def _check_sections(get: Get, need: Need, save_phases: tuple[str, ...]) -> None:
+def _check_sections(get: Get, need: Need, hook_phases: tuple[str, ...]) -> None:
     """Every section's checks, in the order their errors are listed.
 
     First the integer floors of all sections, then their real-number ranges, then each section's own
@@ -72,4 +72,4 @@ def _check_sections(get: Get, need: Need, save_phases: tuple[str, ...]) -> None:
     training.check_optimizer(get, need)
     training.check_trainer(get, need)
     checkpoint.check_checkpoint(get, need)
-    chaos.check_chaos(get, need, save_phases)
+    chaos.check_chaos(get, need, hook_phases)
