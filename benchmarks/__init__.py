@@ -31,6 +31,14 @@ job's (``Trainer.state_dict()`` after one optimizer step, so AdamW moments exist
                            single-thread ranks (more cores would let the ranks run truly in parallel)
   ranks2_vs_1_save_s       seconds of a checkpoint save (rank 0's ckpt.save line) at 2 ranks / at 1:
                            the commit round trip (broadcast, gather of the votes, verdict)
+  upload_vs_raw_put        checkpoint.remote.upload of the magvit64 checkpoint to moto's S3 server on
+                           127.0.0.1 (files, one listing confirming sizes, manifest last) / obstore.put of
+                           the same files (the floor through this client)
+  download_verify_vs_raw_get  remote_checkpoints + remote.download + load_checkpoint into a fresh folder /
+                           obstore.get of the same objects into files, fsync each (the floor, the same way)
+  stall_remote_vs_local    wall time of Trainer.fit (magvit64) checkpointing every 3 steps, uploader on / off
+  recovery_remote_vs_local a lost node: process start -> first new step resuming from the store in an empty
+                           run directory / resuming from the same checkpoint on the local disk (reported)
 
 Writes a JSON report (``--out``, default ``outputs/bench/bench.json`` under the working directory)
 with the ratios, the absolute seconds and bytes behind each, every sample, and the machine.
@@ -38,7 +46,8 @@ with the ratios, the absolute seconds and bytes behind each, every sample, and t
 
 ``python -m benchmarks`` runs it (:mod:`benchmarks.run`: ``--quick``, ``--out``, ``--only``). One module a
 measurement: ``save_load`` (save_*, load_*), ``hash_throughput`` (GB/s of each hash, no ratio),
-``async_stall``, ``loop`` (loop_vs_bare_*, save_every_step_vs_never_*), ``resume``, ``folder``, ``ranks``;
+``async_stall``, ``loop`` (loop_vs_bare_*, save_every_step_vs_never_*), ``remote`` (the object store's four rows),
+``resume``, ``folder``, ``ranks``;
 beside them ``timing`` (how everything is timed), ``report`` (targets, table, JSON) and ``jobs`` (what they
 run). ``python -m benchmarks.gpu`` is the GPU bench of ``scripts/gpu_check.sh``.
 """

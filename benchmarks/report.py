@@ -34,6 +34,10 @@ TARGETS = {
     "folder_vs_synthetic_magvit64": (">=", 0.9),
     "ranks2_vs_1_steps_per_s": (">=", None),  # reported, not targeted: 2 cores (see the package docstring)
     "ranks2_vs_1_save_s": ("<=", None),
+    "upload_vs_raw_put": ("<=", 1.2),
+    "download_verify_vs_raw_get": ("<=", 1.3),
+    "stall_remote_vs_local": ("<=", 1.05),
+    "recovery_remote_vs_local": ("<=", None),  # reported: the download is the price of a lost disk
 }
 
 

@@ -16,7 +16,7 @@ from resilient_train.monitor import read_history
 RESUME_EXPERIMENT = "magvit64"  # the state people resume (65.5 MB); tiny's 0.5 MB would hide the read
 
 
-def _train_args(run_dir: Path, *overrides: str) -> list[str]:
+def train_args(run_dir: Path, *overrides: str) -> list[str]:
     return [
         *TRAIN_CMD,
         f"+experiment={RESUME_EXPERIMENT}",
@@ -47,10 +47,10 @@ def time_to_step(run_dir: Path, args: list[str], want_step: int, log: Path, time
         proc.wait()
 
 
-def bench_resume(work: Path, reps: int, budget_s: float, base_steps: int = 1) -> dict[str, Result]:
-    base = work / "resume-base"
+def run_base(base: Path, steps: int) -> Path:
+    """A run of ``steps`` steps in ``base`` (its final checkpoint committed): that checkpoint's folder."""
     proc = subprocess.run(
-        _train_args(base, f"trainer.max_steps={base_steps}"),
+        train_args(base, f"trainer.max_steps={steps}"),
         capture_output=True,
         text=True,
         env=train_env(),
@@ -58,17 +58,23 @@ def bench_resume(work: Path, reps: int, budget_s: float, base_steps: int = 1) ->
     )
     if proc.returncode != 0:
         raise RuntimeError(f"base run failed:\n{proc.stderr[-3000:]}")
+    return base / "checkpoints" / f"step_{steps:08d}"
+
+
+def bench_resume(work: Path, reps: int, budget_s: float, base_steps: int = 1) -> dict[str, Result]:
+    base = work / "resume-base"
+    ckpt = run_base(base, base_steps)
     fresh_t, resume_t, load_s, reads = [], [], [], []
     for r in within_budget(reps, budget_s, "resume"):
         for kind in ("fresh", "resume") if r % 2 == 0 else ("resume", "fresh"):
             run = work / f"{kind}-{r}"
             log = work / f"{kind}-{r}.log"
             if kind == "fresh":
-                fresh_t.append(time_to_step(run, _train_args(run, "trainer.max_steps=20"), 1, log))
+                fresh_t.append(time_to_step(run, train_args(run, "trainer.max_steps=20"), 1, log))
             else:
                 shutil.copytree(base, run)
                 resume_t.append(
-                    time_to_step(run, _train_args(run, "resume_from=auto", "trainer.max_steps=20"), base_steps + 1, log)
+                    time_to_step(run, train_args(run, "resume_from=auto", "trainer.max_steps=20"), base_steps + 1, log)
                 )
                 lines = log.read_text().splitlines()
                 reads.append(sum("ckpt.read " in line for line in lines))
@@ -83,7 +89,7 @@ def bench_resume(work: Path, reps: int, budget_s: float, base_steps: int = 1) ->
         "baseline_s": median(fresh_t),
         "ours_samples_s": resume_t,
         "baseline_samples_s": fresh_t,
-        "ours_bytes": sum(p.stat().st_size for p in (base / "checkpoints" / f"step_{base_steps:08d}").iterdir()),
+        "ours_bytes": sum(p.stat().st_size for p in ckpt.rglob("*") if p.is_file()),
         "ours": f"resilient_train.cli +experiment={RESUME_EXPERIMENT} resume_from=auto (checkpoint at step "
         f"{base_steps}): Popen -> step {base_steps + 1} recorded",
         "baseline": f"resilient_train.cli +experiment={RESUME_EXPERIMENT}, fresh run dir: Popen -> step 1 recorded",

@@ -24,6 +24,7 @@ from benchmarks.hash_throughput import bench_hash  # noqa: E402
 from benchmarks.jobs import LOOP_OVERRIDES  # noqa: E402
 from benchmarks.loop import bench_loop, bench_save_often  # noqa: E402
 from benchmarks.ranks import bench_ranks  # noqa: E402
+from benchmarks.remote import bench_remote  # noqa: E402
 from benchmarks.report import Result, build_report, machine_info, write_report  # noqa: E402
 from benchmarks.resume import bench_resume  # noqa: E402
 from benchmarks.save_load import bench_save_load  # noqa: E402
@@ -67,6 +68,8 @@ def run_sections(s: Sections, work: Path, q: bool, reps: int) -> None:
     s.run("loop64", "loop: magvit64", bench_loop, trainer, "magvit64", **loop)
     often = dict(n=2 if q else 4, pairs=1 if q else 2, budget_s=120)
     s.run("often64", "checkpoint every step vs never: magvit64", bench_save_often, trainer, "magvit64", **often)
+    title = "object store (moto's S3 server on 127.0.0.1) vs plain obstore and the local disk"
+    s.run("remote", title, bench_remote, trainer, work / "remote", reps, q)
     del trainer
     if s.want("tiny") or s.want("often"):
         tiny = Trainer(compose(["+experiment=tiny", *LOOP_OVERRIDES]), work / "tiny")
@@ -89,7 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer repetitions and steps (a smoke test)")
     ap.add_argument("--out", type=Path, default=Path.cwd() / "outputs" / "bench" / "bench.json")
     ap.add_argument(
-        "--only", default="", help="sections: save,hash,async,loop64,often64,tiny,often,folder,resume,ranks (dev aid)"
+        "--only",
+        default="",
+        help="sections: save,hash,async,loop64,often64,remote,tiny,often,folder,resume,ranks (dev aid)",
     )
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)

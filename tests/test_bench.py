@@ -38,6 +38,10 @@ RATIOS = {
     "folder_vs_synthetic_magvit64",
     "ranks2_vs_1_steps_per_s",
     "ranks2_vs_1_save_s",
+    "upload_vs_raw_put",
+    "download_verify_vs_raw_get",
+    "stall_remote_vs_local",
+    "recovery_remote_vs_local",
 }
 
 
@@ -67,11 +71,14 @@ def test_bench_quick_writes_every_ratio(tmp_path):
         pairs = [("ours_s", "baseline_s"), ("ours_steps_per_s", "baseline_steps_per_s")]
         numbers = [m[k] for pair in pairs if pair[0] in m for k in pair]
         assert numbers and all(math.isfinite(v) and v > 0 for v in numbers), (name, m)
-    for name in ("save_vs_raw_fsync", "load_vs_raw_read", "async_stall_vs_sync"):
+    for name in ("save_vs_raw_fsync", "load_vs_raw_read", "async_stall_vs_sync", "upload_vs_raw_put"):
         assert report["measurements"][name]["ours_bytes"] > 0, name
     stall = report["measurements"]["async_stall_vs_sync"]
     assert 0 < stall["floor_s"] and stall["async_extra_bytes_held"] == stall["snapshot_bytes"] > 0
     assert report["measurements"]["resume_vs_fresh_start"]["checkpoint_reads_per_resume"] == [1]
+    # The resume in an empty run directory really came from the store; the uploads really reached the server.
+    assert all(report["measurements"]["recovery_remote_vs_local"]["download_s_in_log"])
+    assert all(s > 0 for s in report["measurements"]["stall_remote_vs_local"]["server_cpu_s_per_run"])
     machine = report["machine"]
     assert machine["cpu_model"] and machine["cpu_count"] >= 1 and machine["torch"]
     assert machine["disk"]["total_bytes"] > 0
