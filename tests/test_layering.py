@@ -57,6 +57,15 @@ def test_a_type_checking_import_is_not_an_import(copy):
     assert layering.check(copy) == []
 
 
+def test_a_trainer_class_over_250_lines_is_caught(copy):
+    path = copy / "train" / "trainer.py"
+    text = path.read_text()
+    anchor = "    def restore(self"
+    path.write_text(text.replace(anchor, "    x = 0\n" * 20 + anchor, 1))
+    [problem] = layering.check(copy)
+    assert problem.startswith("class over 250 lines: train.trainer.Trainer (")
+
+
 def test_a_big_module_a_long_function_and_a_stray_module_are_caught(copy):
     (copy / "train" / "big.py").write_text("x = 1\n" * 401)
     (copy / "stray.py").write_text("def f():\n" + "    x = 1\n" * 100)

@@ -286,10 +286,11 @@ class CheckpointManager:
     def upload_status(self) -> dict[str, Any] | None:
         return self.uploader.status() if self.uploader is not None else None
 
-    def finish_uploads(self, timeout: float) -> bool:
+    def finish_uploads(self, timeout: float, *, finished_at: int | None = None) -> bool:
         """Wait up to ``timeout`` seconds for every committed checkpoint to reach the store; log whether it did.
         Once they all did, retention runs here too: the ones it had to keep only until they were uploaded
-        (the store was down) go now, not at the next run's first save."""
+        (the store was down) go now, not at the next run's first save. ``finished_at``: the run ended at
+        that step, and uploads that did not arrive are then a :class:`SaveError` (a stopped run only logs)."""
         if self.uploader is None:
             return True
         done = self.uploader.wait(timeout)
@@ -306,6 +307,12 @@ class CheckpointManager:
                 st["backlog"],
                 st["last_error"],
             )
+            if finished_at is not None:
+                raise SaveError(
+                    f"training finished at step {finished_at}, but its checkpoints did not all reach {st['url']} "
+                    "within checkpoint.upload_timeout_secs; the local ones are intact: run again with "
+                    "resume_from=auto to finish the upload"
+                )
         return done
 
     # -- retention --------------------------------------------------------------------------
