@@ -153,6 +153,8 @@ def run_status(run_dir: str | os.PathLike, stale_after: float = 120.0) -> dict[s
         "latest_checkpoint": _text(hb.get("latest_checkpoint")) or _latest_step_dir(run),
         "best_checkpoint": best,
         "upload": _upload(hb.get("upload")),
+        "faults": _faults(hb.get("faults")),
+        "hangs": sorted(p.name for p in (run / "hangs").glob("*.txt"))[-20:] if (run / "hangs").is_dir() else [],
         "heartbeat_time": hb_time,
         "heartbeat_age_secs": age,
         "stale_after_secs": stale_after,
@@ -169,6 +171,30 @@ def _upload(u: Any) -> dict[str, Any] | None:
         "backlog": _count(u.get("backlog")),
         "last_error": _text(u.get("last_error")),
     }
+
+
+def _faults(f: Any) -> dict[str, Any] | None:
+    """The heartbeat's recovery side, read defensively: rollbacks (and the latest), failed saves (and the latest)."""
+    if not isinstance(f, dict):
+        return None
+    last = f.get("last_rollback") if isinstance(f.get("last_rollback"), dict) else {}
+    return {
+        "rollbacks": _count(f.get("rollbacks")) or 0,
+        "last_rollback": {k: _count(last.get(k)) for k in ("fault_step", "to_step")} | {"kind": _text(last.get("kind"))}
+        if last
+        else None,
+        "save_failures": _count(f.get("save_failures")) or 0,
+        "last_save_error": _text(f.get("last_save_error")),
+    }
+
+
+def _fmt_faults(f: dict[str, Any]) -> str:
+    text = f"{f['rollbacks']} rollback(s)"
+    if f["last_rollback"]:
+        r = f["last_rollback"]
+        text += f" (last: {r['kind']} at step {r['fault_step']}, back to step {r['to_step']})"
+    text += f", {f['save_failures']} failed save(s)"
+    return text + (f" (last: {f['last_save_error'][:200]})" if f["last_save_error"] else "")
 
 
 def _fmt_upload(u: dict[str, Any] | None) -> str:
@@ -291,6 +317,10 @@ def format_status(s: dict[str, Any]) -> str:
     ]
     if s.get("upload") is not None:
         rows.insert(-1, ("uploads", _fmt_upload(s["upload"])))
+    if s.get("faults") is not None:
+        rows.insert(-1, ("faults", _fmt_faults(s["faults"])))
+    if s.get("hangs"):
+        rows.insert(-1, ("hangs", f"{len(s['hangs'])} (stacks in hangs/: {', '.join(s['hangs'][-3:])})"))
     for r in s.get("ranks", []):
         alive = {True: "alive", False: "gone", None: "not checked"}[r["pid_alive"]]
         rows.append(

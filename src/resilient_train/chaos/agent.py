@@ -19,17 +19,27 @@ A node loss with ranks deletes the shared run directory. Each rank appends to it
 ``chaos_events.rank<r>.jsonl``; every rank reads all of them, so nothing fires twice after torchrun
 restarts the group.
 
+Faults beyond death: a ``hang`` blocks the victim inside the step (an ``Event.wait`` that releases
+the GIL, as a process stuck in a collective or a dead file system is) until the watchdog ends it
+(exit 124); a ``nan`` puts a NaN into one gradient of the victim after the backward pass (the guard
+rolls back in-process); a ``bitflip`` flips one mantissa bit of one parameter of the victim after
+the step (the replica check before the next commit rolls back; with one process nothing can see
+it, so the agent refuses to schedule one); an ``io_error`` makes the save at that step fail with
+EIO or ENOSPC at a seeded phase (``checkpoint.on_save_error`` decides what follows).
+
 Chaos never draws from the process-global RNGs, so it cannot change the bits of training. The
 schedule itself is :mod:`.schedule` (torch-free: the orchestrator uses it).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import shutil
 import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -60,6 +70,11 @@ class Chaos(Observer):
         _check_events_dir(self.schedule, self.events_dir, self.run_dir)
         self.rank = group.rank if group is not None else 0
         self.world_size = group.world_size if group is not None else 1
+        if self.world_size == 1 and (self.schedule.steps["bitflip"] or self.schedule.rates["bitflip"] > 0):
+            raise ValueError(
+                "chaos.bitflip_*: a bit flip in one process's memory has no replica to be compared with and "
+                "would silently change the run; schedule bit flips with ranks (torchrun) only"
+            )
         self.skip_restore = str(cfg.skip_restore)
         phase, _, step = str(cfg.hold_phase).partition("@")
         self.hold = (phase, int(step) if step else None) if phase else None
@@ -128,6 +143,31 @@ class Chaos(Observer):
         if self._due("sigterm", step):
             self._record("sigterm", step)
             os.kill(os.getpid(), signal.SIGTERM)  # the graceful path: save, then exit 75
+        if self._due("bitflip", step):
+            self._bitflip(trainer, step)
+        if self._due("hang", step):
+            self._record("hang", step)
+            threading.Event().wait()  # blocked for good, the GIL released: only the watchdog ends this
+
+    def on_backward(self, trainer: Any, step: int) -> None:
+        """After the generator's backward pass, before the guard: a NaN in one gradient of the victim."""
+        if self._due("nan", step):
+            grads = [p.grad for p in trainer.model.parameters() if p.grad is not None]
+            self._record("nan", step, where="gradient")
+            grads[0].view(-1)[0] = float("nan")
+
+    def _bitflip(self, trainer: Any, step: int) -> None:
+        """Flip one mantissa bit of one parameter of this rank's model, in memory."""
+        import torch
+
+        params = [p for p in trainer.model.parameters() if p.dtype == torch.float32 and p.numel()]
+        which, element, bit = self.schedule.bitflip(step)
+        p = params[which % len(params)]
+        i = element % p.numel()
+        name = next(n for n, q in trainer.model.named_parameters() if q is p)
+        self._record("bitflip", step, tensor=name, index=i, bit=bit)
+        with torch.no_grad():
+            p.data.view(-1)[i : i + 1].view(torch.int32).bitwise_xor_(1 << bit)
 
     def save_hook(self, phase: str, step: int, where: Path) -> None:
         """Called by the checkpoint manager at each save stage (maybe on the background thread)."""
@@ -139,6 +179,11 @@ class Chaos(Observer):
         if self._due("save_kill", step) and self.schedule.save_phase(step) == phase:
             self._record("save_kill", step, phase=phase, path=str(where))
             self._die()
+        io_phase, code = self.schedule.io_error(step)
+        if io_phase == phase and self._due("io_error", step):
+            self._record("io_error", step, phase=phase, errno=code, path=str(where))
+            number = getattr(errno, code)
+            raise OSError(number, os.strerror(number), str(where))
 
     def on_saved(self, trainer: Any, record: dict[str, Any]) -> None:
         """After the step's checkpoint (if any): damage the newest committed one, then crash; or lose the node."""

@@ -39,6 +39,10 @@ EVENTS_FILE = "chaos_events.jsonl"
 COMMITTER_PHASES = ("before_rename", "after_rename", UPLOAD_PHASE)
 #: With ``checkpoint.remote``: the share of save kills that strike the upload instead of the save.
 UPLOAD_KILL_SHARE = 0.5
+#: Where an ``io_error`` strikes a save: a write call, before the rename (a failure after it is no failure).
+IO_ERROR_PHASES = ("files_partial", "files_written", "before_rename")
+#: The errors a failing disk gives (``errno`` names).
+IO_ERRORS = ("EIO", "ENOSPC")
 
 
 def _rng(seed: int, kind: str, step: int) -> random.Random:
@@ -77,12 +81,27 @@ class ChaosSchedule:
         """The save stage at which a ``save_kill`` at ``step`` strikes."""
         return save_phase(self.seed, step, self.remote)
 
+    def io_error(self, step: int) -> tuple[str, str]:
+        """Where and how the save at ``step`` fails: a phase of :data:`IO_ERROR_PHASES`, an errno name."""
+        rng = _rng(self.seed, "io_error_phase", step)
+        return rng.choice(IO_ERROR_PHASES), rng.choice(IO_ERRORS)
+
+    def bitflip(self, step: int) -> tuple[int, int, int]:
+        """Which bit flips at ``step``: (parameter draw, element draw, bit of the float32 mantissa, 0-22).
+
+        The draws are reduced modulo the parameter count and its size by the agent. A mantissa bit keeps
+        the value finite: the flip is silent, as silent data corruption is."""
+        rng = _rng(self.seed, "bitflip_where", step)
+        return rng.randrange(2**31), rng.randrange(2**31), rng.randrange(23)
+
     def corruption(self, step: int) -> str:
         return _rng(self.seed, "corruption", step).choice(("flip_byte", "truncate"))
 
     def victim(self, kind: str, step: int, world_size: int) -> int:
         """The rank an event strikes (always 0 with one rank; the committer for the late save phases)."""
         if world_size <= 1 or (kind == "save_kill" and self.save_phase(step) in COMMITTER_PHASES):
+            return 0
+        if kind == "io_error" and self.io_error(step)[0] in COMMITTER_PHASES:
             return 0
         return _rng(self.seed, f"victim:{kind}", step).randrange(world_size)
 
@@ -95,6 +114,8 @@ class ChaosSchedule:
                     ev = {"kind": kind, "step": step}
                     if kind == "save_kill":
                         ev["phase"] = self.save_phase(step)
+                    if kind == "io_error":
+                        ev["phase"], ev["errno"] = self.io_error(step)
                     out.append(ev)
         return out
 

@@ -16,6 +16,7 @@ without collectives, and an error is raised where it happens. The save phases
 
 from __future__ import annotations
 
+import errno
 import itertools
 import json
 import os
@@ -77,6 +78,8 @@ def commit_save(
     if failure is not None:
         raise failure
     if not verdict["ok"]:
+        if verdict.get("io"):  # a rank's disk failed: every rank reports it as the file-system error it is
+            raise OSError(errno.EIO, f"checkpoint step {step} not committed: {verdict['error']}")
         raise CheckpointError(f"checkpoint step {step} not committed: {verdict['error']}")
     return final, verdict["bytes"]
 
@@ -117,7 +120,7 @@ def _write_files(
     except Exception as exc:
         if not group.distributed:
             raise
-        return {"rank": group.rank, "error": f"{type(exc).__name__}: {exc}"}, exc
+        return {"rank": group.rank, "error": f"{type(exc).__name__}: {exc}", "io": isinstance(exc, OSError)}, exc
     return vote, None
 
 
@@ -147,7 +150,8 @@ def _commit(
     except Exception as exc:
         if not group.distributed:
             raise
-        return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        io = isinstance(exc, OSError) or any(v.get("io") for v in votes)
+        return {"ok": False, "error": f"{type(exc).__name__}: {exc}", "io": io}
 
 
 def _check_votes(group: Group, step: int, votes: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:

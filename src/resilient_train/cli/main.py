@@ -17,6 +17,8 @@ from ..config import CONFIG_DIR, register_configs
 from ..dist import from_env
 from ..resume.lock import PendingLog, RunLock
 from ..train.device import DeviceError, resolve_device, shares_gpu
+from ..train.faults import EXIT_DIVERGED, DivergedError
+from ..train.watchdog import collective_timeout
 from .argv import EXIT_CONFIG_ERROR, prepare_argv
 from .start import REFUSALS, start
 
@@ -58,7 +60,9 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str], log_name: str = "t
     log_file = PendingLog(f"{log_name}.log")
     logging.getLogger().addHandler(log_file)
     try:
-        group = from_env(device, cfg.trainer.dist_timeout_secs, shared_gpu=shares_gpu(device, cfg.trainer.device))
+        t = cfg.trainer
+        timeout = collective_timeout(t.hang_timeout_secs, t.dist_timeout_secs)
+        group = from_env(device, timeout, shared_gpu=shares_gpu(device, t.device))
     except (ValueError, RuntimeError) as exc:
         log.error("train.refused %s: %s", type(exc).__name__, exc)
         print(f"error: cannot join the process group: {exc}", file=sys.stderr)
@@ -74,6 +78,10 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str], log_name: str = "t
             return EXIT_CONFIG_ERROR
         try:
             return trainer.fit()
+        except DivergedError as exc:
+            log.error("train.diverged exit=%d: %s", EXIT_DIVERGED, exc)
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_DIVERGED
         except Exception as exc:  # a failed save says all there is to say; anything else gets its traceback
             log.error("train.failed %s: %s", type(exc).__name__, exc, exc_info=not isinstance(exc, SaveError))
             print(f"error: {exc}", file=sys.stderr)

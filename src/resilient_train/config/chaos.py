@@ -1,4 +1,5 @@
-"""The ``chaos`` section: the faults a run injects into itself (kills, SIGTERMs, corruption, node loss), its checks."""
+"""The ``chaos`` section: the faults a run injects into itself (kills, SIGTERMs, corruption, node loss, hangs,
+non-finite values, bit flips, failing saves), its checks."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from dataclasses import dataclass, field
 from .values import AtLeast, Get, Need, RealRange, finite, int_ge, plain_list
 
 #: The event kinds: each has a ``chaos.<kind>_rate`` and a ``chaos.<kind>_steps`` key (the schedule's order).
-EVENT_KINDS = ("step_kill", "save_kill", "sigterm", "corrupt", "node_loss")
+EVENT_KINDS = ("step_kill", "save_kill", "sigterm", "corrupt", "node_loss", "hang", "nan", "bitflip", "io_error")
 
 
 @dataclass
@@ -20,6 +21,10 @@ class ChaosConfig:
     sigterm_rate: float = 0.0
     corrupt_rate: float = 0.0
     node_loss_rate: float = 0.0
+    hang_rate: float = 0.0
+    nan_rate: float = 0.0
+    bitflip_rate: float = 0.0
+    io_error_rate: float = 0.0
     # Explicit steps, in addition to the rates.
     step_kill_steps: list[int] = field(default_factory=list)
     save_kill_steps: list[int] = field(default_factory=list)
@@ -27,6 +32,14 @@ class ChaosConfig:
     corrupt_steps: list[int] = field(default_factory=list)
     # A node loss deletes the whole run directory, then SIGKILLs the trainer (the machine and its disk are gone).
     node_loss_steps: list[int] = field(default_factory=list)
+    # The victim rank stops making progress inside the step (blocked, the GIL released); the watchdog ends it.
+    hang_steps: list[int] = field(default_factory=list)
+    # A NaN enters the victim rank's gradients once; the guard rolls back in-process.
+    nan_steps: list[int] = field(default_factory=list)
+    # One bit of one parameter of the victim rank flips in memory (with ranks; one process cannot detect it).
+    bitflip_steps: list[int] = field(default_factory=list)
+    # The save at that step fails with EIO or ENOSPC at a seeded phase (the write, before the rename).
+    io_error_steps: list[int] = field(default_factory=list)
     # Where the events are recorded ("" = the run directory); a node loss needs a folder outside the run directory.
     events_dir: str = ""
     # Negative control: on resume, drop one restored part ("", "rng", "data") so the proof must fail.

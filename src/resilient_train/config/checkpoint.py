@@ -22,6 +22,9 @@ class CheckpointConfig:
     remote_options: dict[str, Any] = field(default_factory=dict)
     # On SIGTERM and at the end: how long to wait for the last checkpoint to reach the store.
     upload_timeout_secs: float = 300.0
+    # A save that fails on the file system (EIO, ENOSPC): "continue" logs it and saves again at the next
+    # interval (the run's last save is retried at once); "stop" ends the run with exit 1.
+    on_save_error: str = "continue"
 
 
 @dataclass
@@ -52,3 +55,5 @@ def check_checkpoint(get: Get, need: Need) -> None:
         isinstance(remote, str) and remote.startswith(SCHEMES) and len(remote.split("://", 1)[1].strip("/")) > 0
     )
     need(ok, "checkpoint.remote", remote, f"must be null or a URL starting with one of {list(SCHEMES)}")
+    policy = get("checkpoint.on_save_error")
+    need(policy in ("continue", "stop"), "checkpoint.on_save_error", policy, "must be 'continue' or 'stop'")

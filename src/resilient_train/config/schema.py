@@ -66,6 +66,9 @@ RESUME_SAFE_KEYS: tuple[str, ...] = (
     "trainer.heartbeat_secs",
     "trainer.progress_bar",
     "trainer.dist_timeout_secs",
+    "trainer.hang_timeout_secs",
+    "trainer.max_rollbacks",
+    "trainer.replica_check_every_n_steps",
     "trainer.num_samples",
     # The device a run trains on is recorded in each checkpoint's environment and compared there.
     "trainer.device",

@@ -44,8 +44,17 @@ class TrainerConfig:
     num_samples: int = 2
     heartbeat_secs: float = 10.0
     progress_bar: bool = True
-    # With ranks (torchrun): how long a collective waits for a peer before failing (then torchrun restarts).
-    dist_timeout_secs: float = 120.0
+    # A process with no progress (a step, a save phase) for this long writes every thread's stack to
+    # RUN/hangs/, logs watchdog.hang and exits 124 so that it is restarted; 0 switches the watchdog off.
+    hang_timeout_secs: float = 300.0
+    # With ranks (torchrun): how long a collective waits for a peer before failing (then torchrun restarts);
+    # null: hang_timeout_secs + 30 s, so that the watchdog reports a frozen peer first, with stacks.
+    dist_timeout_secs: float | None = None
+    # A non-finite loss or gradient norm (or replicas apart) rolls back in-process to the newest checkpoint;
+    # a fault back at the same step after this many rollbacks is a divergence: the run stops with exit 65.
+    max_rollbacks: int = 3
+    # With ranks: compare the replicated state's digests every N steps (0: only before every commit).
+    replica_check_every_n_steps: int = 0
     ema: EMAConfig = field(default_factory=EMAConfig)
 
 
@@ -66,6 +75,8 @@ AT_LEAST: tuple[AtLeast, ...] = (
     AtLeast("trainer.log_every_n_steps", 1),
     AtLeast("trainer.num_samples", 0, " (0: no sample images)"),
     AtLeast("trainer.ema.update_every", 1),
+    AtLeast("trainer.max_rollbacks", 0, " (0: the first fault stops the run)"),
+    AtLeast("trainer.replica_check_every_n_steps", 0, " (0: only before every commit)"),
 )
 
 REAL_RANGES: tuple[RealRange, ...] = (
@@ -74,7 +85,7 @@ REAL_RANGES: tuple[RealRange, ...] = (
     RealRange("optimizer.weight_decay", 0, True, math.inf, False, "must be a finite number >= 0"),
     RealRange("optimizer.min_lr_ratio", 0, True, 1, True, "must be a number in [0, 1]"),
     RealRange("trainer.heartbeat_secs", 0, True, math.inf, False, "must be a finite number >= 0"),
-    RealRange("trainer.dist_timeout_secs", 0, False, math.inf, False, "must be a finite number > 0"),
+    RealRange("trainer.hang_timeout_secs", 0, True, math.inf, False, "must be a finite number >= 0 (0: off)"),
     RealRange("trainer.ema.decay", 0, False, 1, False, "must be a number in (0, 1)"),
 )
 
@@ -101,6 +112,14 @@ def check_optimizer(get: Get, need: Need) -> None:
 
 def check_trainer(get: Get, need: Need) -> None:
     """The trainer's checks beyond :data:`AT_LEAST` and :data:`REAL_RANGES`."""
+    dist, hang = get("trainer.dist_timeout_secs"), get("trainer.hang_timeout_secs")
+    need(
+        dist is None or (finite(dist) and dist > 0 and (not finite(hang) or hang <= 0 or dist >= hang)),
+        "trainer.dist_timeout_secs",
+        dist,
+        f"must be null (trainer.hang_timeout_secs + 30 s) or a finite number > 0 and >= trainer.hang_timeout_secs "
+        f"({hang!r}): a shorter collective timeout would end a frozen peer's group before the watchdog reports it",
+    )
     device = get("trainer.device")
     need(
         isinstance(device, str) and DEVICE_SPEC.fullmatch(device) is not None,

@@ -43,6 +43,9 @@ class Heartbeat:
         self._state: dict[str, Any] = {"step": 0, "epoch": 0, "latest_checkpoint": None, "last_loss": None}
         self.closed = False
         self.upload: dict[str, Any] | None = None
+        #: Recovery without a new process: rollbacks and failed saves (written when there was one).
+        self.faults: dict[str, Any] | None = None
+        self._faults_seen: tuple[Any, Any] = (0, 0)
         self.run_dir.mkdir(parents=True, exist_ok=True)
 
     def beat(
@@ -54,22 +57,29 @@ class Heartbeat:
         last_loss: float | None,
         force: bool = False,
         upload: dict[str, Any] | None = None,
+        faults: dict[str, Any] | None = None,
     ) -> bool:
         """Record progress; write the file if forced or ``interval_secs`` passed since the last write.
         ``upload``: the object store's side (``newest_step``, ``backlog``, ``last_error``), when there is one."""
         now = time.monotonic()
         self._state = {"step": step, "epoch": epoch, "latest_checkpoint": latest_checkpoint, "last_loss": last_loss}
         self.upload = upload
+        if faults is not None:
+            self.faults = faults
+            force = force or self._faults_seen != (faults.get("rollbacks"), faults.get("save_failures"))
+            self._faults_seen = (faults.get("rollbacks"), faults.get("save_failures"))
         if not force and self._last_write is not None and now - self._last_write < self.interval_secs:
             return False
         self._write("running")
         self._last_write = now
         return True
 
-    def close(self, status: str, upload: dict[str, Any] | None = None) -> None:
+    def close(self, status: str, upload: dict[str, Any] | None = None, faults: dict[str, Any] | None = None) -> None:
         """Write the final heartbeat with ``status`` (``finished``, ``stopped`` or ``failed``)."""
         if upload is not None:
             self.upload = upload
+        if faults is not None:
+            self.faults = faults
         if status not in HEARTBEAT_STATUSES:
             raise ValueError(f"status must be one of {HEARTBEAT_STATUSES}, got {status!r}")
         self._write(status)
@@ -95,6 +105,8 @@ class Heartbeat:
         }
         if self.upload is not None:
             record["upload"] = self.upload
+        if self.faults is not None and (self.faults.get("rollbacks") or self.faults.get("save_failures")):
+            record["faults"] = self.faults
         write_side_file(self.path, json.dumps(record) + "\n")
 
 

@@ -8,9 +8,14 @@
   optimizer step ended) and ``val_loss`` (``None`` when the step did not evaluate);
 * ``on_saved(trainer, record)`` with the same record, after the step's checkpoint decision (whether
   or not it saved);
-* ``on_end(trainer, status)`` once, with ``finished``, ``stopped`` or ``failed``, also on an error.
+* ``on_end(trainer, status)`` once, with ``finished``, ``stopped`` or ``failed``, also on an error;
+* ``on_backward(trainer, step)`` inside step ``step``, after the generator's backward pass and before
+  the finite-value guard (only chaos acts here);
+* ``on_rollback(trainer, record)`` after an in-process rollback (:mod:`.recovery`) restored the state
+  of ``record["step"]``: the history is cut back to it and gets the ``rollback`` record.
 
-An observer never changes training state, so the bits of a run do not depend on which are attached.
+An observer never changes training state, so the bits of a run do not depend on which are attached
+(chaos, the one exception, injects its faults through these hooks).
 
 With ranks, rank 0 writes the run's files (``history.jsonl``, ``heartbeat.json``, the progress bar);
 every rank writes ``ranks/<r>/heartbeat.json`` (pid, step, restart count) so that ``status`` and the
@@ -26,7 +31,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
-from ..monitor import Heartbeat, HistoryWriter, rank_dir, write_side_file
+from ..monitor import Heartbeat, HistoryWriter, rank_dir, truncate_history, write_side_file
 
 if TYPE_CHECKING:
     from .trainer import Trainer
@@ -55,6 +60,12 @@ class Observer:
     def on_end(self, trainer: Trainer, status: str) -> None:
         pass
 
+    def on_backward(self, trainer: Trainer, step: int) -> None:
+        pass
+
+    def on_rollback(self, trainer: Trainer, record: dict[str, Any]) -> None:
+        pass
+
 
 class HistoryObserver(Observer):
     """Appends train records (every ``log_every_n_steps``) and eval records to ``history.jsonl``."""
@@ -66,8 +77,18 @@ class HistoryObserver(Observer):
         self.rank = rank
         self.writer: HistoryWriter | None = None
 
+    def _dir(self, trainer: Trainer) -> Any:
+        return rank_dir(trainer.run_dir, self.rank) if self.rank else trainer.run_dir
+
     def on_start(self, trainer: Trainer) -> None:
-        self.writer = HistoryWriter(rank_dir(trainer.run_dir, self.rank) if self.rank else trainer.run_dir)
+        self.writer = HistoryWriter(self._dir(trainer))
+
+    def on_rollback(self, trainer: Trainer, record: dict[str, Any]) -> None:
+        """The replayed steps are logged again: the records after the restored step go, the rollback is kept."""
+        self.writer.close()
+        truncate_history(self._dir(trainer), record["step"])
+        self.writer = HistoryWriter(self._dir(trainer))
+        self.writer.write(record)
 
     def on_step(self, trainer: Trainer, record: dict[str, Any]) -> None:
         step, epoch = record["step"], record["epoch"]
@@ -112,11 +133,15 @@ class HeartbeatObserver(Observer):
             latest_checkpoint=latest,
             last_loss=record["loss"],
             upload=trainer.ckpt.upload_status(),
+            faults=trainer.recovery.status(),
         )
+
+    def on_rollback(self, trainer: Trainer, record: dict[str, Any]) -> None:
+        self.on_saved(trainer, {"step": record["step"], "epoch": trainer.position.epoch, "loss": None})
 
     def on_end(self, trainer: Trainer, status: str) -> None:
         if self.heartbeat is not None:
-            self.heartbeat.close(status, upload=trainer.ckpt.upload_status())
+            self.heartbeat.close(status, upload=trainer.ckpt.upload_status(), faults=trainer.recovery.status())
 
 
 class RankHeartbeatObserver(Observer):
@@ -169,6 +194,10 @@ class ProgressObserver(Observer):
             dynamic_ncols=True,
             file=sys.stderr,
         )
+
+    def on_rollback(self, trainer: Trainer, record: dict[str, Any]) -> None:
+        self.bar.reset(total=self.max_steps)
+        self.bar.update(record["step"])
 
     def on_saved(self, trainer: Trainer, record: dict[str, Any]) -> None:
         self.bar.update(1)

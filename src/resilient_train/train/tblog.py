@@ -36,6 +36,7 @@ def require_tensorboard() -> None:
 class TensorBoardObserver(Observer):
     def __init__(self) -> None:
         self.writer: Any = None
+        self.rollbacks = 0
 
     def on_start(self, trainer: Trainer) -> None:
         from torch.utils.tensorboard import SummaryWriter
@@ -70,6 +71,16 @@ class TensorBoardObserver(Observer):
 
                 w.add_image("samples", np.asarray(Image.open(grid).convert("RGB")), step, dataformats="HWC")
         w.flush()
+
+    def on_rollback(self, trainer: Trainer, record: dict[str, Any]) -> None:
+        """As at a resume: reopened with ``purge_step`` after the restored step, so replayed steps appear once."""
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer.close()
+        self.writer = SummaryWriter(log_dir=str(trainer.run_dir / DIR), purge_step=record["step"] + 1)
+        self.rollbacks += 1
+        self.writer.add_scalar("faults/rollbacks", self.rollbacks, record["fault_step"])
+        self.writer.flush()
 
     def on_end(self, trainer: Trainer, status: str) -> None:
         if self.writer is not None:

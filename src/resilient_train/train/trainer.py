@@ -27,6 +27,7 @@ from omegaconf import DictConfig
 from torch.utils.data import Dataset
 
 from ..checkpoint import CheckpointError, CheckpointManager, Loaded
+from ..checkpoint.layout import SAVE_PHASES
 from ..checkpoint.manager import SaveHook
 from ..checkpoint.store import Store
 from ..config import TrainConfig, config_hash, to_plain, typed
@@ -37,6 +38,7 @@ from ..tokenizer.model import build_model
 from .device import indexed, resolve_device
 from .env import capture_env, configure_process, package_versions
 from .evaluation import Evaluator
+from .faults import Fault, check_replicas
 from .observers import HeartbeatObserver, HistoryObserver, Observer, ProgressObserver, RankHeartbeatObserver
 from .parts import (
     EMA,
@@ -47,9 +49,12 @@ from .parts import (
     apply_hyperparameters,
     optimizer_and_schedule,
 )
-from .ranks import sync_on_last, wrap_ddp
+from .ranks import wrap_ddp
+from .recovery import Recovery
 from .rng import rank_seed, seed_everything
 from .signals import EXIT_ABORTED, EXIT_PREEMPTED, StopSignals
+from .step import gan_step
+from .watchdog import Watchdog
 
 __all__ = [
     "Trainer",
@@ -124,13 +129,15 @@ class Trainer:
         if self.ema is not None:
             self.states["ema"] = self.ema
         ck = cfg.checkpoint
+        self.recovery = Recovery(t.max_rollbacks, ck.on_save_error)
+        self.watchdog = Watchdog(t.hang_timeout_secs, self.run_dir, g.rank, lambda: self.counters.step)
         self.ckpt = CheckpointManager(
             self.run_dir / "checkpoints",
             keep_last=ck.keep_last,
             async_save=ck.async_save,
             every_n_steps=ck.every_n_steps,
             save_on_best=ck.save_on_best,
-            hooks=save_hooks,
+            hooks=[*save_hooks, self._save_progress],
             group=g,
             remote=Store(ck.remote, ck.remote_options) if ck.remote and g.is_main else None,
         )
@@ -175,7 +182,15 @@ class Trainer:
         log.info("ckpt.load step=%d path=%s secs=%.3f", c.step, loaded.path, time.perf_counter() - t0)
         log.info("resume step=%d epoch=%d batch_in_epoch=%d path=%s", c.step, p.epoch, p.batch_in_epoch, loaded.path)
 
+    def _save_progress(self, phase: str, step: int, where: Path) -> None:
+        if phase in SAVE_PHASES:  # the upload thread's phase is not the loop's progress
+            self.watchdog.beat(phase)
+
     # -- data -------------------------------------------------------------------------------
+
+    def rewind_data(self) -> None:
+        """After a rollback: the loader is rebuilt at the restored position, with the restored RNG."""
+        self._iter = None
 
     def next_batch(self) -> torch.Tensor:
         if self.position.batch_in_epoch >= self.batches_per_epoch:
@@ -205,45 +220,8 @@ class Trainer:
     # -- one optimizer step -----------------------------------------------------------------
 
     def train_step(self) -> dict[str, float]:
-        m, o = self.cfg.model, self.cfg.optimizer
-        vcff = m.video_contains_first_frame
-        self.model.train()
-        self.opt_gen.zero_grad(set_to_none=True)
-        batches = [self.next_batch() for _ in range(self.accum)]
-        loss_sum = recon_sum = 0.0
-        for i, video in enumerate(batches):
-            with sync_on_last(self.net, i == len(batches) - 1):
-                loss, parts = self.net(video, return_loss=True, video_contains_first_frame=vcff)
-                (loss / self.accum).backward()
-            loss_sum += loss.item() / self.accum
-            recon_sum += parts.recon_loss.item() / self.accum
-        gen_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), o.max_grad_norm)
-        self.opt_gen.step()
-        self.sched_gen.step()
-        discr = None
-        if m.use_gan:
-            # One discriminator step per optimizer step, on the step's last micro-batch. Its grads
-            # are zeroed first: the generator's adversarial loss also reached the discriminator.
-            self.opt_discr.zero_grad(set_to_none=True)
-            gp = self.counters.step % m.grad_penalty_every == 0
-            dloss, _ = self.net(
-                batches[-1], return_discr_loss=True, apply_gradient_penalty=gp, video_contains_first_frame=vcff
-            )
-            dloss.backward()
-            torch.nn.utils.clip_grad_norm_(self.model.discr_parameters(), o.max_grad_norm)
-            self.opt_discr.step()
-            self.sched_discr.step()
-            discr = dloss.item()
-        if self.ema is not None:
-            self.ema.update(self.counters.step)
-        self.counters.step += 1
-        return {
-            "loss": loss_sum,
-            "recon_loss": recon_sum,
-            "discr_loss": discr,
-            "grad_norm": float(gen_norm),
-            "lr": self.sched_gen.get_last_lr()[0],
-        }
+        """One optimizer step of the generator and the discriminator (:func:`.step.gan_step`)."""
+        return gan_step(self)
 
     def maybe_evaluate(self) -> tuple[float | None, bool]:
         """Evaluate every ``eval_every_n_steps`` and at the last step: ``(val_loss, improved)``."""
@@ -281,31 +259,43 @@ class Trainer:
     # -- the loop ---------------------------------------------------------------------------
 
     def fit(self) -> int:
-        """Train to ``trainer.max_steps`` or until a signal: exit code 0 (finished) or 75 (stopped, saved)."""
+        """Train to ``trainer.max_steps`` or until a signal: exit code 0 (finished) or 75 (stopped, saved).
+
+        A :class:`~.faults.Fault` (a non-finite value, replicas apart) rolls back in-process (:mod:`.recovery`)."""
         c, t, g = self.counters, self.cfg.trainer, self.group
         observers = [*default_observers(self.cfg, g), *self.observers]
         status, last, stopping = "failed", {}, False
         if self.net is self.model:
             self.net = wrap_ddp(self.model, g, self.device)  # all ranks together, after any restore
+        self.recovery.keep_initial(self)
         signals = StopSignals(lambda: c.step).__enter__()
+        self.watchdog.start()
         try:
             for obs in observers:
                 obs.on_start(self)
             while c.step < t.max_steps and not stopping:
-                last = {**self.train_step(), "step": c.step, "epoch": self.position.epoch, "time": time.time()}
-                last["val_loss"], improved = self.maybe_evaluate()
-                for obs in observers:
-                    obs.on_step(self, last)
-                stopping = g.any(signals.received is not None)  # a signal to any rank stops them all here
-                if self.ckpt.should_save(c.step, last=c.step == t.max_steps, improved=improved, stopping=stopping):
-                    self.save_checkpoint(val_loss=last["val_loss"], is_best=improved and self.ckpt.save_on_best)
+                try:
+                    last = {**self.train_step(), "step": c.step, "epoch": self.position.epoch, "time": time.time()}
+                    last["val_loss"], improved = self.maybe_evaluate()
+                    for obs in observers:
+                        obs.on_step(self, last)
+                    stopping = g.any(signals.received is not None)  # a signal to any rank stops them all here
+                    self._save_if_due(last, improved, stopping)
+                except Fault as fault:
+                    self.recovery.roll_back(self, fault, observers)
+                    stopping = False  # a signal still pending stops the run at the next step, with a save
+                    self.watchdog.beat("rollback")
+                    continue
                 for obs in observers:
                     obs.on_saved(self, last)
+                self.watchdog.beat("step")
             self.ckpt.wait()
             done = c.step >= t.max_steps  # at the end, uploads that did not arrive are a failure (SaveError)
-            self.ckpt.finish_uploads(self.cfg.checkpoint.upload_timeout_secs, finished_at=c.step if done else None)
+            with self.watchdog.paused():  # bounded by checkpoint.upload_timeout_secs
+                self.ckpt.finish_uploads(self.cfg.checkpoint.upload_timeout_secs, finished_at=c.step if done else None)
             status = "finished" if done else "stopped"
         finally:
+            self.watchdog.stop()
             signals.__exit__()
             for obs in observers:
                 try:
@@ -317,6 +307,23 @@ class Trainer:
             return EXIT_PREEMPTED
         _done(self, last)
         return EXIT_FINISHED
+
+    def _save_if_due(self, last: dict[str, Any], improved: bool, stopping: bool) -> None:
+        """The step's checkpoint when one is due, after the ranks agreed their replicas are equal."""
+        c, t = self.counters, self.cfg.trainer
+        final = c.step == t.max_steps
+        save = self.ckpt.should_save(c.step, last=final, improved=improved, stopping=stopping)
+        every = t.replica_check_every_n_steps
+        if save or (every > 0 and c.step % every == 0):
+            check_replicas(self.group, c.step, self.replicated_state())
+        if save:
+            best = improved and self.ckpt.save_on_best
+            save_now = lambda: self.save_checkpoint(val_loss=last["val_loss"], is_best=best)  # noqa: E731
+            self.recovery.save(self.ckpt, save_now, c.step, final or stopping)
+
+    def replicated_state(self) -> dict[str, Any]:
+        """The state every rank holds the same copy of (weights, EMA, optimizers, schedules, counters)."""
+        return {name: part.state_dict() for name, part in self.states.items() if name != "ranks"}
 
 
 def run_metadata(cfg: TrainConfig, env: dict[str, Any], fingerprint: dict[str, Any] | None, g: Group) -> dict[str, Any]:
