@@ -2,7 +2,7 @@
 and the chaos arm restarted after every death until it finishes.
 
 Owns: :func:`run_command` (one launch, its output appended to a log, with an optional external
-SIGKILL that waits for the trainer's first new step), :func:`torchrun_command`, and
+SIGKILL, or with ranks a SIGSTOP, that waits for the trainer's first new step), :func:`torchrun_command`, and
 :func:`run_chaos_arm` (the restart loop, its budget and which exits may be restarted). After a
 node loss (``chaos.node_loss``: the trainer deleted its run directory and killed itself) the
 restart gets an empty run directory, as a replacement machine would: anything a dying process
@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..train.watchdog import EXIT_HUNG
 from .report import last_step
 from .schedule import read_events
 
@@ -65,20 +66,24 @@ def run_command(
     kill_after: float | None = None,
     run_dir: Path | None = None,
     victim: int | None = None,
-) -> tuple[int, bool]:
+    stop: bool = False,
+) -> tuple[int, dict[str, Any] | None]:
     """Run ``cmd`` (with ``env`` added to this environment); with ``kill_after``, SIGKILL it from outside
-    that many seconds after it trains a step. The exit status, and whether the external kill struck.
+    that many seconds after it trains a step. The exit status, and the ``time`` and last ``step`` at which the
+    external kill struck (None: it did not).
 
     Waiting for progress first means a slow start (a loaded machine) cannot starve the run. With
     ``victim`` (a rank under torchrun) the kill strikes that rank's worker, not ``cmd`` itself, and
-    the launcher goes on (it restarts the group).
+    the launcher goes on (it restarts the group). With ``stop`` the victim is frozen (SIGSTOP)
+    instead: once a peer's watchdog has reported the hang in the log (``watchdog.hang``), the frozen
+    worker is SIGKILLed, as torchrun would after its stop timeout, and the group restarts.
     """
     with open(log_path, "ab") as log:
         log.write(f"\n$ {' '.join(cmd)}\n".encode())
         log.flush()
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
         if kill_after is None or run_dir is None:
-            return proc.wait(), False
+            return proc.wait(), None
         start_step, deadline = last_step(run_dir), None
         while proc.poll() is None:
             if deadline is None and last_step(run_dir) != start_step:
@@ -86,22 +91,41 @@ def run_command(
             if deadline is not None and time.monotonic() >= deadline:
                 if victim is None:
                     proc.send_signal(signal.SIGKILL)
+                    struck = {"time": time.time(), "step": last_step(run_dir)}
                     proc.wait()
-                    return proc.returncode, True
+                    return proc.returncode, struck
                 pid = _worker_pid(run_dir, victim)
                 if pid is not None:
                     try:
-                        os.kill(pid, signal.SIGKILL)
+                        os.kill(pid, signal.SIGSTOP if stop else signal.SIGKILL)
                     except ProcessLookupError:
                         pid = None
                 if pid is not None:
-                    log.write(f"\n# orchestrator: SIGKILL rank {victim} worker pid {pid}\n".encode())
+                    what, struck = "SIGSTOP" if stop else "SIGKILL", {"time": time.time(), "step": last_step(run_dir)}
+                    log.write(f"\n# orchestrator: {what} rank {victim} worker pid {pid}\n".encode())
                     log.flush()
-                    return proc.wait(), True
+                    if stop:
+                        _reap_when_seen(proc, pid, log_path)
+                    return proc.wait(), struck
                 deadline = None  # that rank is between attempts: try again after the next step
                 start_step = last_step(run_dir)
             time.sleep(0.05)
-        return proc.returncode, False
+        return proc.returncode, None
+
+
+def _reap_when_seen(proc: subprocess.Popen, pid: int, log_path: Path) -> None:
+    """After a SIGSTOP: wait until a peer's watchdog reports the hang, then SIGKILL the frozen worker."""
+    start = log_path.stat().st_size
+    while proc.poll() is None:
+        with open(log_path, "rb") as f:
+            f.seek(start)
+            if b"watchdog.hang " in f.read():
+                break
+        time.sleep(0.1)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 @dataclass
@@ -132,15 +156,18 @@ def run_chaos_arm(
     arm = ChaosArm()
     while True:
         kill_after = None
-        if args.external_kill and len(arm.external) < args.external_kills:
+        stops = sum(1 for e in arm.external if e["kind"] == "external_stop")
+        stop = ranked and stops < args.external_stops
+        if stop or (args.external_kill and len(arm.external) - stops < args.external_kills):
             kill_after = ext_rng.uniform(0.0, args.external_max)
         victim = ext_rng.randrange(args.nproc) if ranked else None
         log_at = log_path.stat().st_size if log_path.exists() else 0
-        rc, killed = run_command(cmd, log_path, env=env, kill_after=kill_after, run_dir=run_dir, victim=victim)
+        rc, struck = run_command(
+            cmd, log_path, env=env, kill_after=kill_after, run_dir=run_dir, victim=victim, stop=stop
+        )
         arm.exits.append(rc)
-        if killed:
-            step = last_step(run_dir)
-            arm.external.append({"kind": "external_kill", "step": step, "time": time.time(), "rank": victim})
+        if struck is not None:
+            arm.external.append({"kind": "external_stop" if stop else "external_kill", **struck, "rank": victim})
         if _node_lost(arm, events_dir) and not ranked and rc != 0:
             _replace_lost_node(run_dir, log_path)  # torchrun restarts its group in place, with what is there
         if rc == 0:
@@ -177,7 +204,7 @@ def _replace_lost_node(run_dir: Path, log_path: Path) -> None:
 def _no_restart(rc: int, ranked: bool, log_path: Path, log_at: int) -> str | None:
     """Why the chaos arm must not be restarted after exiting with ``rc``; None after a kill or preemption."""
     # torchrun exits 1 once its restarts are spent, whatever its workers' codes were.
-    allowed = (1,) if ranked else (75, -signal.SIGKILL, 128 + signal.SIGKILL, 130)
+    allowed = (1,) if ranked else (75, EXIT_HUNG, -signal.SIGKILL, 128 + signal.SIGKILL, 130)
     if rc not in allowed:
         return f"chaos arm exited with {rc} (not a kill or preemption); see {log_path}"
     with open(log_path, "rb") as f:  # what this launch wrote

@@ -50,8 +50,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint.layout import CHECKPOINTS_DIR, UPLOAD_PHASE, committed
+from ..checkpoint.layout import CHECKPOINTS_DIR, UPLOAD_PHASE, committed, read_best
 from ..fsio import atomic_write
+from .costs import by_kind, event_costs, goodput
 from .launch import TRAIN_CMD, ChaosArm, run_chaos_arm, run_command, torchrun_command
 from .local_s3 import LocalS3
 from .report import DIFFERENCES, checkpoint_every, compare_arms, group_restarts, markdown, node_loss_resumes, plot
@@ -60,8 +61,11 @@ from .schedule import read_events, save_phase
 __all__ = ["main", "run_trial", "default_schedule", "TRAIN_CMD"]
 
 
-def default_schedule(seed: int, steps: int, every: int, *, remote: bool = False) -> dict[str, list[int]]:
-    """Explicit event steps for one trial: two kills inside saves, a step kill, a SIGTERM, a corruption;
+def default_schedule(
+    seed: int, steps: int, every: int, *, remote: bool = False, nproc: int = 1, avoid: tuple[int, ...] = ()
+) -> dict[str, list[int]]:
+    """Explicit event steps for one trial: two kills inside saves, a step kill, a SIGTERM, a corruption, then the
+    faults beyond death (:func:`_fault_events`: a hang, a NaN, a failing save, and with ranks a bit flip);
     with ``remote`` (an object store) also two node losses, and one of the save kills during an upload.
 
     Save kills land on checkpoint steps (a save must be under way for them to strike). The other three
@@ -88,7 +92,31 @@ def default_schedule(seed: int, steps: int, every: int, *, remote: bool = False)
     }
     if remote:
         schedule.update(_remote_events(seed, steps, every, schedule))
+    schedule.update(_fault_events(seed, steps, every, schedule, nproc, avoid))
     return schedule
+
+
+def _fault_events(
+    seed: int, steps: int, every: int, schedule: dict[str, list[int]], nproc: int, avoid: tuple[int, ...]
+) -> dict[str, list[int]]:
+    """The faults beyond death, each at a step no other event uses (a draw of its own, so the kinds above
+    stay where they always were): a hang and a NaN at steps between checkpoints, a failing save at a
+    checkpoint step (not the last one, nor one in ``avoid``: the reference's best, whose checkpoint
+    the chaos arm could not have; else the last step, whose save is retried at once), and with ranks a
+    bit flip. A kind with no free step is left out."""
+    rng = random.Random(seed * 1_000_033 + 29)
+    used = {s for v in schedule.values() for s in v} | set(avoid)
+    out: dict[str, list[int]] = {}
+    saves = [s for s in range(every, steps, every) if s not in used]
+    out["io_error_steps"] = [rng.choice(saves) if saves else steps]
+    used |= set(out["io_error_steps"])
+    kinds = ["hang", "nan"] + (["bitflip"] if nproc > 1 else [])
+    for kind in kinds:
+        free = [s for s in range(2, steps) if s % every and s not in used]
+        if free:
+            out[f"{kind}_steps"] = [rng.choice(free)]
+            used |= set(out[f"{kind}_steps"])
+    return out
 
 
 def _remote_events(seed: int, steps: int, every: int, schedule: dict[str, list[int]]) -> dict[str, list[int]]:
@@ -133,7 +161,9 @@ def run_trial(args: argparse.Namespace, trial: int, out: Path, s3: LocalS3 | Non
         return _failed(trial, args.steps, arm.restarts, arm.error)
     result = _compare(args, trial, arm, tdir, events_dir)
     result["seed"] = seed
-    result["reference"]["secs"], result["chaos"]["secs"] = round(ref_secs, 1), round(time.time() - t0, 1)
+    chaos_secs = time.time() - t0
+    result["reference"]["secs"], result["chaos"]["secs"] = round(ref_secs, 1), round(chaos_secs, 1)
+    result["goodput"] = goodput(args.steps, ref_secs, chaos_secs, result["events"])
     plot(tdir / "loss.png", ref_dir, chaos_dir, result["events"], trial)
     return result
 
@@ -155,7 +185,7 @@ def _compare(args: argparse.Namespace, trial: int, arm: ChaosArm, tdir: Path, ev
         "restarts": arm.restarts + (group_restarts(tdir / "chaos.log") if ranked else 0),
         "nproc": args.nproc,
         "exit_codes": arm.exits,
-        "events": _events(events_dir, arm.external, node_losses),
+        "events": event_costs(_events(events_dir, arm.external, node_losses), tdir / "chaos.log"),
         "node_losses": node_losses,
         **diffs,
         "reference": {"run_dir": str(ref_dir), "final": str(ref_ckpt)},
@@ -173,6 +203,8 @@ def _common_overrides(args: argparse.Namespace) -> list[str]:
     ]
     if args.nproc > 1 and not any(s.startswith("trainer.num_threads=") for s in args.set):
         common.append("trainer.num_threads=1")  # ranks sharing a few cores: one thread each
+    if not any(s.startswith("trainer.hang_timeout_secs=") for s in args.set):
+        common.append(f"trainer.hang_timeout_secs={args.hang_timeout}")  # each hang costs this long
     return common
 
 
@@ -184,7 +216,10 @@ def _chaos_overrides(args: argparse.Namespace, seed: int, ref_dir: Path, events_
         chaos_args += ["chaos=default"]
     else:
         every = checkpoint_every(ref_dir)
-        for key, steps in default_schedule(seed, args.steps, every, remote=args.remote).items():
+        best = read_best(ref_dir / CHECKPOINTS_DIR) or {}
+        avoid = (best["step"],) if isinstance(best.get("step"), int) else ()
+        schedule = default_schedule(seed, args.steps, every, remote=args.remote, nproc=args.nproc, avoid=avoid)
+        for key, steps in schedule.items():
             chaos_args.append(f"chaos.{key}=[{','.join(map(str, steps))}]")
     if args.skip_restore:
         chaos_args.append(f"chaos.skip_restore={args.skip_restore}")
@@ -196,7 +231,7 @@ def _events(
 ) -> list[dict[str, Any]]:
     """The chaos arm's events, as its trainer recorded them and as the external kills struck, by step; a
     node loss with the step its restart resumed from and where (``resumed_from``, ``source``)."""
-    keys = ("kind", "step", "phase", "how", "rank")
+    keys = ("kind", "step", "phase", "how", "rank", "time", "errno", "tensor")
     resumed = {loss["step"]: {k: loss[k] for k in ("resumed_from", "source")} for loss in node_losses}
     events = [
         {k: v for k, v in e.items() if k in keys}
@@ -229,6 +264,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--external-kill", action="store_true", help="also SIGKILL the trainer from outside at random")
     p.add_argument("--external-kills", type=int, default=3, help="external kills per trial (default 3)")
     p.add_argument(
+        "--external-stops",
+        type=int,
+        default=None,
+        help="with ranks: SIGSTOP one worker this many times per trial (default 1 with --nproc > 1, else 0); its "
+        "peers' watchdogs must see it, then the frozen worker is SIGKILLed and torchrun restarts the group",
+    )
+    p.add_argument(
+        "--hang-timeout",
+        type=float,
+        default=10.0,
+        help="trainer.hang_timeout_secs for both arms (default 10): how long each hang costs",
+    )
+    p.add_argument(
         "--external-max",
         type=float,
         default=3.0,
@@ -259,6 +307,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.nproc < 1:
         p.error("--nproc must be >= 1")
+    if args.external_stops is None:
+        args.external_stops = 1 if args.nproc > 1 else 0
+    elif args.external_stops > 0 and args.nproc < 2:
+        p.error("--external-stops needs --nproc >= 2: the peers of a frozen rank detect it")
     out = args.out or Path.cwd() / "outputs" / "chaos" / time.strftime("%Y-%m-%d_%H-%M-%S")
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -293,6 +345,7 @@ def _report(args: argparse.Namespace, trials: list[dict[str, Any]]) -> dict[str,
         "steps": args.steps,
         "restarts": sum(t["restarts"] for t in trials),
         "events": [dict(e, trial=t["trial"]) for t in trials for e in t["events"]],
+        "by_kind": by_kind([e for t in trials for e in t["events"]]),
         "first_diverging_step": next((t.get("first_diverging_step") for t in trials if not t["identical"]), None),
         "trials": trials,
     }

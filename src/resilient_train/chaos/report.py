@@ -182,14 +182,16 @@ def last_step(run_dir: Path) -> int | None:
 
 
 def plot(path: Path, ref_dir: Path, chaos_dir: Path, events: list[dict[str, Any]], trial: int) -> None:
-    """A trial's ``loss.png``: both arms' train losses, each event a dotted line at its step."""
+    """A trial's ``loss.png``: both arms' reconstruction losses (the total goes below zero once the GAN's term
+    grows), on a linear axis where every value is visible, each event a dotted line at its step."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(9, 4.5), dpi=100)
     ax = fig.add_subplot(1, 1, 1)
     for run_dir, label, style in ((ref_dir, "reference (uninterrupted)", "-"), (chaos_dir, "chaos (killed)", "--")):
         recs = [r for r in read_history(run_dir) if r.get("kind") == "train"]
-        ax.plot([r["step"] for r in recs], [r["loss"] for r in recs], style, label=label, linewidth=1.2)
+        key = "recon_loss" if all(r.get("recon_loss") is not None for r in recs) else "loss"
+        ax.plot([r["step"] for r in recs], [r[key] for r in recs], style, label=label, linewidth=1.2)
     colors = {
         "step_kill": "red",
         "save_kill": "purple",
@@ -197,6 +199,11 @@ def plot(path: Path, ref_dir: Path, chaos_dir: Path, events: list[dict[str, Any]
         "corrupt": "brown",
         "node_loss": "green",
         "external_kill": "black",
+        "external_stop": "gray",
+        "hang": "blue",
+        "nan": "magenta",
+        "bitflip": "cyan",
+        "io_error": "olive",
     }
     seen = set()
     for e in events:
@@ -212,8 +219,7 @@ def plot(path: Path, ref_dir: Path, chaos_dir: Path, events: list[dict[str, Any]
         )
         seen.add(kind)
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("train loss")
-    ax.set_yscale("log")
+    ax.set_ylabel("train reconstruction loss")
     ax.set_title(f"chaos trial {trial}: both arms, kills marked")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -229,16 +235,25 @@ def markdown(report: dict[str, Any]) -> str:
         f"ranks: {report.get('nproc', 1)}",
         f"- restarts: {report['restarts']}, events: {len(report['events'])}",
         "",
+        *(_by_kind_lines(report["by_kind"]) if report.get("by_kind") else []),
     ]
     for t in report["trials"]:
         lines += [f"## Trial {t['trial']}: {'identical' if t['identical'] else 'DIFFERENT'}", ""]
         if t.get("error"):
             lines += [f"error: {t['error']}", ""]
             continue
-        lines += ["| step | event | rank | detail |", "| ---: | --- | ---: | --- |"]
+        lines += [
+            "| step | event | rank | detail | detected by | detected after s | recovery | back to step | steps redone "
+            "| fault to first new step s |",
+            "| ---: | --- | ---: | --- | --- | ---: | --- | ---: | ---: | ---: |",
+        ]
         for e in t["events"]:
             step = e.get("step", "-")  # an external kill before the restarted trainer's first step has none
-            lines.append(f"| {step} | {e['kind']} | {e.get('rank', 0)} | {_detail(e)} |")
+            lines.append(
+                f"| {step} | {e['kind']} | {e.get('rank', 0)} | {_detail(e)} | {e.get('detected_by', '-')} | "
+                f"{_num(e.get('detect_secs'))} | {e.get('recovery') or '-'} | {_num(e.get('resumed_from'))} | "
+                f"{_num(e.get('redone'))} | {_num(e.get('to_new_step_secs'))} |"
+            )
         first = t.get("history_from", 1)
         every = "identical at every step" + (
             f" from {first} (steps 1-{first - 1} were lost with the node)" if first > 1 else ""
@@ -254,14 +269,45 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(f"- node losses: {t['node_loss_difference'] or 'every restart resumed from the store'}")
         lines += [
             f"- time: reference {t['reference']['secs']} s, chaos arm {t['chaos']['secs']} s",
+            _goodput_line(t.get("goodput")),
             f"- plot: `trial_{t['trial']}/loss.png`",
             "",
         ]
     return "\n".join(lines)
 
 
+def _num(x: Any) -> str:
+    return "-" if x is None else str(x)
+
+
+def _goodput_line(g: dict[str, Any] | None) -> str:
+    if not g:
+        return "- goodput: -"
+    return (
+        f"- goodput: time {g['time']} (reference wall time / chaos wall time), steps {g['steps']} "
+        f"({g['steps_computed'] - g['steps_redone']} useful of {g['steps_computed']} computed, "
+        f"{g['steps_redone']} redone)"
+    )
+
+
+def _by_kind_lines(by_kind: dict[str, dict[str, Any]]) -> list[str]:
+    lines = [
+        "| event kind | count | mean detected after s | mean fault to first new step s | steps redone |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for kind, k in by_kind.items():
+        lines.append(
+            f"| {kind} | {k['count']} | {_num(k['detect_secs'])} | {_num(k['to_new_step_secs'])} | {k['redone']} |"
+        )
+    return [*lines, ""]
+
+
 def _detail(event: dict[str, Any]) -> str:
     if event["kind"] == "node_loss":
         source = event.get("source") or "no restart"
         return f"resumed from step {event.get('resumed_from')} ({source})"
+    if event["kind"] == "io_error":
+        return f"{event.get('errno', '')} at {event.get('phase', '')}"
+    if event["kind"] == "bitflip":
+        return f"{event.get('tensor', '')}"
     return event.get("phase") or event.get("how") or ""

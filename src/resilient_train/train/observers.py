@@ -26,6 +26,7 @@ orchestrator can see each rank, and ranks other than 0 log their own losses to
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
@@ -35,6 +36,8 @@ from ..monitor import Heartbeat, HistoryWriter, rank_dir, truncate_history, writ
 
 if TYPE_CHECKING:
     from .trainer import Trainer
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "Observer",
@@ -68,7 +71,9 @@ class Observer:
 
 
 class HistoryObserver(Observer):
-    """Appends train records (every ``log_every_n_steps``) and eval records to ``history.jsonl``."""
+    """Appends train records (every ``log_every_n_steps``) and eval records to ``history.jsonl``; logs
+    ``train.first_step step=N`` when the first step after a start or a rollback is done (the chaos report
+    measures recovery to it)."""
 
     TRAIN_KEYS = ("loss", "recon_loss", "discr_loss", "grad_norm", "lr")
 
@@ -76,6 +81,7 @@ class HistoryObserver(Observer):
         self.every = every
         self.rank = rank
         self.writer: HistoryWriter | None = None
+        self.first = True
 
     def _dir(self, trainer: Trainer) -> Any:
         return rank_dir(trainer.run_dir, self.rank) if self.rank else trainer.run_dir
@@ -89,9 +95,13 @@ class HistoryObserver(Observer):
         truncate_history(self._dir(trainer), record["step"])
         self.writer = HistoryWriter(self._dir(trainer))
         self.writer.write(record)
+        self.first = True
 
     def on_step(self, trainer: Trainer, record: dict[str, Any]) -> None:
         step, epoch = record["step"], record["epoch"]
+        if self.first:
+            log.info("train.first_step step=%d rank=%d", step, self.rank)
+            self.first = False
         if step % self.every == 0:  # stamped when the step ended, before any evaluation
             metrics = {k: record[k] for k in self.TRAIN_KEYS}
             self.writer.write({"kind": "train", "step": step, "epoch": epoch, **metrics, "time": record["time"]})
