@@ -94,8 +94,16 @@ def test_killed_run_ends_bit_identical_to_uninterrupted(tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["identical"] is True and report["steps"] == 30
     kinds = [e["kind"] for e in report["events"]]
-    assert len(kinds) >= 5 and {"save_kill", "sigterm", "corrupt", "step_kill"} <= set(kinds)
-    assert report["restarts"] >= 5
+    assert len(kinds) >= 8 and {"save_kill", "sigterm", "corrupt", "step_kill", "hang", "nan", "io_error"} <= set(kinds)
+    assert report["restarts"] >= 6 and 124 in report["trials"][0]["exit_codes"]  # the hang: the watchdog's exit
+    by_step = {e["kind"]: e for e in report["events"]}
+    assert by_step["nan"]["recovery"] == "rollback" and by_step["hang"]["recovery"] == "restart"
+    assert by_step["hang"]["detect_secs"] >= 9 and by_step["io_error"]["recovery"].startswith("none")
+    assert by_step["nan"]["resumed_from"] < by_step["nan"]["step"] and by_step["hang"]["resumed_from"] % 10 == 0
+    g = report["trials"][0]["goodput"]
+    assert 0 < g["time"] < 1 and g["steps_computed"] == 30 + sum(e["redone"] or 0 for e in report["events"])
+    md = (out / "report.md").read_text()
+    assert "| nan | 0 |" in md and "finite guard" in md and "- goodput: time " in md
     assert (out / "loss.png").stat().st_size > 0 and (out / "report.md").exists()
     # The corrupted checkpoint was set aside, not deleted.
     assert list((out / "trial_0" / "chaos" / "checkpoints").glob("step_*.corrupt-*"))
@@ -301,3 +309,43 @@ def test_remote_proof_with_node_losses_ends_bit_identical(tmp_path):
     assert UPLOAD_PHASE in {e.get("phase") for e in report["events"]}
     assert trial["history_from"] == losses[-1]["resumed_from"] + 1
     assert (out / "s3" / "moto.log").exists() and not list((out / "trial_0" / "chaos").glob("chaos_events*"))
+
+
+def test_event_costs_read_detection_recovery_and_redone_steps_from_the_log(tmp_path):
+    """The report's costs come from the trainer's stamped log lines; a missing line gives None, not a guess."""
+    from datetime import datetime
+
+    from resilient_train.chaos.costs import by_kind, event_costs, goodput
+
+    def stamp(t: float) -> str:
+        return datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S,%f")[:-3]
+
+    t0 = 1_800_000_000.0
+    lines = [
+        (t0 + 0.5, "resilient_train.train.recovery", "rollback.start step=7 kind=nan attempt=1/3 to=initial: x"),
+        (t0 + 0.6, "resilient_train.train.recovery", "rollback.done step=7 kind=nan to_step=0 path=initial secs=0.1"),
+        (t0 + 0.9, "resilient_train.train.observers", "train.first_step step=1 rank=0"),
+        (t0 + 20.0, "resilient_train.train.watchdog", "watchdog.hang step=15 rank=0 secs=10.2 last=step"),
+        (t0 + 25.0, "resilient_train.train.trainer", "resume step=10 epoch=0 batch_in_epoch=20 path=/x"),
+        (t0 + 26.5, "resilient_train.train.observers", "train.first_step step=11 rank=0"),
+    ]
+    log = tmp_path / "chaos.log"
+    log.write_text("".join(f"[{stamp(t)}][{name}][INFO] - {msg}\n" for t, name, msg in lines) + "noise\n")
+    events = [
+        {"kind": "nan", "step": 7, "time": t0 + 0.5},
+        {"kind": "hang", "step": 15, "time": t0 + 9.8},
+        {"kind": "io_error", "step": 40, "time": t0 + 30.0},  # no ckpt.save_failed line: not seen
+    ]
+    nan, hang, io = event_costs(events, log)
+    assert (nan["recovery"], nan["resumed_from"], nan["redone"], nan["detect_secs"]) == ("rollback", 0, 7, 0.0)
+    assert nan["to_new_step_secs"] == 0.4
+    assert (hang["recovery"], hang["resumed_from"], hang["redone"], hang["detect_secs"]) == ("restart", 10, 5, 10.2)
+    assert hang["to_new_step_secs"] == 16.7
+    assert io["detect_secs"] is None and io["redone"] == 0 and io["to_new_step_secs"] is None
+    assert goodput(40, 10.0, 40.0, [nan, hang, io]) == {
+        "time": 0.25,
+        "steps": round(40 / 52, 3),
+        "steps_redone": 12,
+        "steps_computed": 52,
+    }
+    assert by_kind([nan, hang, io])["hang"] == {"count": 1, "detect_secs": 10.2, "to_new_step_secs": 16.7, "redone": 5}

@@ -87,3 +87,19 @@ def test_tensorboard_log_continues_after_a_resume_without_duplicate_or_stale_ste
     assert [e.step for e in ea.Images("samples")] == [10, 14]
     hparams = ea.PluginTagToContent("hparams")  # the hyperparameters, written once at the fresh start
     assert "_hparams_/session_start_info" in hparams and b"optimizer.lr" in hparams["_hparams_/session_start_info"]
+
+
+@pytest.mark.slow  # extra coverage; keeps the default suite under 15 minutes
+def test_tensorboard_after_an_in_process_rollback_has_each_step_once_and_counts_the_rollback(tmp_path):
+    from conftest import run_train
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    run_train(run, "trainer.max_steps=14", "logger=tensorboard", "chaos.enabled=true", "chaos.nan_steps=[13]")
+    ea = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0})
+    ea.Reload()
+    history = {r["step"]: r for r in read_history(run) if r["kind"] == "train"}
+    loss = ea.Scalars("train/loss")
+    assert [e.step for e in loss] == list(range(1, 15))  # steps 11-12 logged twice, shown once
+    assert all(math.isclose(e.value, history[e.step]["loss"], rel_tol=1e-6) for e in loss)
+    assert [(e.step, e.value) for e in ea.Scalars("faults/rollbacks")] == [(13, 1.0)]

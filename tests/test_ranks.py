@@ -42,7 +42,7 @@ def torchrun_train(
         f"hydra.run.dir={run_dir}",
         "trainer.progress_bar=false",
         f"trainer.num_threads={threads}",
-        "trainer.dist_timeout_secs=60",
+        "trainer.hang_timeout_secs=60",  # a collective then waits 90 s for a dead peer
         *overrides,
     ]
 
@@ -240,12 +240,16 @@ def _chaos(tmp_path: Path, *args: str, timeout: float = 600) -> tuple[subprocess
     return proc, report
 
 
-def test_two_rank_proof_with_a_killed_rank_a_kill_inside_a_save_and_a_sigterm(tmp_path):
+def test_two_rank_proof_with_a_killed_rank_a_kill_inside_a_save_a_sigterm_and_every_fault_beyond_death(tmp_path):
     proc, report = _chaos(tmp_path, "--seed", "3")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert report["identical"] and report["nproc"] == 2, report
     kinds = {e["kind"] for e in report["events"]}
-    assert {"step_kill", "save_kill", "sigterm", "corrupt"} <= kinds, report["events"]
+    every = {"step_kill", "save_kill", "sigterm", "corrupt", "hang", "nan", "bitflip", "io_error", "external_stop"}
+    assert every <= kinds, report["events"]
+    by_kind = {e["kind"]: e for e in report["events"]}
+    assert by_kind["bitflip"]["recovery"] == "rollback" and by_kind["bitflip"]["tensor"]
+    assert by_kind["external_stop"]["detected_by"] == "the peers' watchdog" and by_kind["external_stop"]["detect_secs"]
     assert {e.get("rank", 0) for e in report["events"]} == {0, 1}, report["events"]
     assert report["restarts"] >= 4, report
     md = (tmp_path / "chaos" / "report.md").read_text()

@@ -5,12 +5,14 @@ that carries it out (:mod:`.agent`: a step observer and a save hook, plus the te
 the negative control), the orchestrator (:mod:`.orchestrator`: a trial's schedule, the reference
 and the disturbed run, the command line; ``python -m resilient_train.chaos``,
 ``scripts/chaos_test.py``, ``make chaos-test``), its processes (:mod:`.launch`: the runs as real
-processes, external kills, restarts, a fresh run directory after a node loss), the local S3 server
-of ``--remote`` (:mod:`.local_s3`) and its report (:mod:`.report`: the bitwise comparison of the
-two arms, where each node loss resumed, report.md, report.json, the plot).
+processes, external kills and stops, restarts, a fresh run directory after a node loss), the local
+S3 server of ``--remote`` (:mod:`.local_s3`), what each fault cost (:mod:`.costs`: detection,
+recovery, steps redone, time to the first new step, goodput) and its report (:mod:`.report`: the
+bitwise comparison of the two arms, where each node loss resumed, report.md, report.json, the plot).
 
 May import: the base, ``checkpoint``, ``config``, ``monitor`` and the loop's observer interface
-(``train.observers``). The orchestrator runs the trainer as a process; it never imports it.
+(``train.observers``) and exit codes (``train.watchdog``). The orchestrator runs the trainer as a
+process; it never imports it.
 """
 
 from .._imports import lazy

@@ -70,11 +70,14 @@ class Chaos(Observer):
         _check_events_dir(self.schedule, self.events_dir, self.run_dir)
         self.rank = group.rank if group is not None else 0
         self.world_size = group.world_size if group is not None else 1
-        if self.world_size == 1 and (self.schedule.steps["bitflip"] or self.schedule.rates["bitflip"] > 0):
+        if self.world_size == 1 and self.schedule.steps["bitflip"]:
             raise ValueError(
-                "chaos.bitflip_*: a bit flip in one process's memory has no replica to be compared with and "
+                "chaos.bitflip_steps: a bit flip in one process's memory has no replica to be compared with and "
                 "would silently change the run; schedule bit flips with ranks (torchrun) only"
             )
+        if self.world_size == 1 and self.schedule.rates["bitflip"] > 0:
+            log.warning("chaos.bitflip_rate ignored: one process has no replica to detect a bit flip with")
+            self.schedule.rates["bitflip"] = 0.0
         self.skip_restore = str(cfg.skip_restore)
         phase, _, step = str(cfg.hold_phase).partition("@")
         self.hold = (phase, int(step) if step else None) if phase else None

@@ -220,7 +220,7 @@ def plot(path: Path, ref_dir: Path, chaos_dir: Path, events: list[dict[str, Any]
         seen.add(kind)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("train reconstruction loss")
-    ax.set_title(f"chaos trial {trial}: both arms, kills marked")
+    ax.set_title(f"chaos trial {trial}: both arms, faults marked")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)

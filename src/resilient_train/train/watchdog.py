@@ -12,7 +12,9 @@ Invariants:
   restarts the run, which resumes as after any crash; committed checkpoints are untouched (a save
   in flight leaves only its temporary folder);
 * a section known to be long and bounded by its own timeout (the end-of-run upload wait) pauses
-  the clock (:meth:`Watchdog.paused`);
+  the clock (:meth:`Watchdog.paused`); the process's first step (kernels loaded, memory touched,
+  loader workers started, on a machine that may be busy) gets :data:`FIRST_STEP_FACTOR` times the
+  timeout, as nvidia-resiliency-ext's initial heartbeat timeout does;
 * the distributed collective timeout is longer than the watchdog's by :data:`COLLECTIVE_MARGIN_SECS`
   unless set (``trainer.dist_timeout_secs``), so that a peer's hang is reported by the watchdog,
   with stacks, rather than by a collective's error; :func:`collective_timeout` is the one rule.
@@ -32,7 +34,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-__all__ = ["Watchdog", "EXIT_HUNG", "HANGS_DIR", "COLLECTIVE_MARGIN_SECS", "collective_timeout"]
+__all__ = ["Watchdog", "EXIT_HUNG", "HANGS_DIR", "COLLECTIVE_MARGIN_SECS", "FIRST_STEP_FACTOR", "collective_timeout"]
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +44,8 @@ EXIT_HUNG = 124
 HANGS_DIR = "hangs"
 #: How much longer a collective waits than the watchdog, when ``trainer.dist_timeout_secs`` is not set.
 COLLECTIVE_MARGIN_SECS = 30.0
+#: Until the process's first step is done, the watchdog waits this many times its timeout.
+FIRST_STEP_FACTOR = 3.0
 
 
 def collective_timeout(hang_timeout_secs: float, dist_timeout_secs: float | None) -> float:
@@ -69,6 +73,7 @@ class Watchdog:
         self._exit = exit
         self._last = time.monotonic()
         self._what = "start"
+        self._stepped = False
         self._paused = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -80,6 +85,7 @@ class Watchdog:
     def beat(self, what: str = "step") -> None:
         """Progress: a step finished, a save phase passed, a collective returned."""
         self._last, self._what = time.monotonic(), what
+        self._stepped = self._stepped or what == "step"
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
@@ -109,7 +115,7 @@ class Watchdog:
         poll = min(1.0, self.timeout / 10)
         while not self._stop.wait(poll):
             idle = time.monotonic() - self._last
-            if self._paused or idle < self.timeout:
+            if self._paused or idle < self.timeout * (1.0 if self._stepped else FIRST_STEP_FACTOR):
                 continue
             self._fire(idle)
             return
