@@ -323,6 +323,7 @@ def test_event_costs_read_detection_recovery_and_redone_steps_from_the_log(tmp_p
     t0 = 1_800_000_000.0
     lines = [
         (t0 + 0.5, "resilient_train.train.recovery", "rollback.start step=7 kind=nan attempt=1/3 to=initial: x"),
+        (t0 + 0.55, "resilient_train.train.trainer", "resume step=3 epoch=0 batch_in_epoch=6 path=/x/step_00000003"),
         (t0 + 0.6, "resilient_train.train.recovery", "rollback.done step=7 kind=nan to_step=0 path=initial secs=0.1"),
         (t0 + 0.9, "resilient_train.train.observers", "train.first_step step=1 rank=0"),
         (t0 + 20.0, "resilient_train.train.watchdog", "watchdog.hang step=15 rank=0 secs=10.2 last=step"),

@@ -114,7 +114,9 @@ def _recovery(kind: str, te: float, step: int | None, lines: list[tuple[float, s
     """How the run went on: ``recovery``, ``resumed_from`` and the steps ``redone``."""
     if kind == "io_error":
         return {"recovery": "none (training went on)", "resumed_from": None, "redone": 0}
-    hit = _first(lines, te, "resume", "rollback_done")
+    hit = _first(lines, te, "resume", "rollback_start")
+    if hit is not None and hit[1] == "rollback_start":  # the restore inside a rollback logs a resume line too
+        hit = _first(lines, hit[0], "rollback_done")
     if hit is None:
         return {"recovery": None, "resumed_from": None, "redone": None}
     how = "rollback" if hit[1] == "rollback_done" else "restart"
