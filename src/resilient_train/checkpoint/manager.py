@@ -40,7 +40,11 @@ log = logging.getLogger(__name__)
 
 
 class SaveError(CheckpointError):
-    """A save failed on the file system (disk full, read-only, quota); the message says what is intact."""
+    """A save failed on the file system (disk full, read-only, quota); the message says what is intact.
+
+    ``step``: the checkpoint that was not saved (an async save's failure surfaces at a later step)."""
+
+    step: int | None = None
 
 
 #: ``hook(phase, step, where)``: called at each save phase, maybe on the background save thread.
@@ -221,11 +225,13 @@ class CheckpointManager:
             self._discard_temporaries(step)
             newest = self.committed()
             kept = f"the newest committed checkpoint, {newest[-1]}, is intact" if newest else "no checkpoint was lost"
-            raise SaveError(
+            err = SaveError(
                 f"checkpoint step {step} not saved: {exc.strerror or exc}"
                 + (f" ({exc.filename})" if exc.filename else "")
                 + f"; {kept}. Free space or make {self.root} writable, then run again with resume_from=auto"
-            ) from exc
+            )
+            err.step = step
+            raise err from exc
 
     def _discard_temporaries(self, step: int) -> None:
         if not self.group.is_main or not self.root.is_dir():

@@ -83,8 +83,13 @@ class RollbackBudget:
         """Count a rollback for ``fault`` (to ``target``); its number at this step, or raise when none is left."""
         n = self.counts.get(fault.step, 0) + 1
         if n > self.max_per_step:
+            again = (
+                f"again after {self.max_per_step} rollback(s) to {target}"
+                if self.max_per_step
+                else f"(trainer.max_rollbacks=0: no rollback to {target} tried)"
+            )
             raise DivergedError(
-                f"step {fault.step}: {fault.detail} again after {self.max_per_step} rollback(s) to {target} "
+                f"step {fault.step}: {fault.detail} {again} "
                 f"(values seen: {fault.values}). Not a transient fault: the run diverges there. The committed "
                 "checkpoints are intact; lower optimizer.lr (or optimizer.max_grad_norm), or resume from an "
                 "earlier checkpoint with resume_from=PATH and resume.allow_config_change=true"

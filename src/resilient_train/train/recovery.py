@@ -71,6 +71,8 @@ class Recovery:
             trainer.ckpt.wait()  # an async save in flight lands first
         except SaveError as exc:
             self.note_save_error(fault.step, exc)
+            if self.on_save_error == "stop":
+                raise
         newest = trainer.ckpt.committed()
         target = g.broadcast(str(newest[-1]) if newest and g.is_main else None)
         if target is None and self._initial is None:
@@ -129,9 +131,9 @@ class Recovery:
             try:
                 ckpt.wait()  # an async save's failure belongs to its own step, not to this one
             except SaveError as exc:
+                self.note_save_error(step, exc)
                 if self.on_save_error == "stop":
                     raise
-                self.note_save_error(step, exc)
             try:
                 save()
                 if must:
@@ -140,12 +142,14 @@ class Recovery:
                     self._initial = None  # a checkpoint exists: roll back to it, not to step 0
                 return True
             except SaveError as exc:
+                self.note_save_error(step, exc, attempt)
                 if self.on_save_error == "stop" or attempt == attempts and must:
                     raise
-                self.note_save_error(step, exc, attempt)
         return False
 
     def note_save_error(self, step: int, exc: BaseException, attempt: int = 1) -> None:
+        """Count and log a failed save (of ``exc.step`` when it says, else of ``step``)."""
+        step = getattr(exc, "step", None) or step
         self.save_failures += 1
         self.last_save_error = f"step {step}: {exc}"
         log.error(
