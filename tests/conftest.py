@@ -98,3 +98,32 @@ def trained_run(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("trained") / "run"
     run_train(run_dir, "trainer.max_steps=20")
     return run_dir
+
+
+def wait_for(cond, what: str, proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
+    """Poll ``cond`` until true; fail naming ``what`` (with the log's tail) if ``proc`` ends or time runs out."""
+    import time
+
+    end = time.monotonic() + timeout
+    while not cond():
+        if proc.poll() is not None or time.monotonic() > end:
+            pytest.fail(f"{what}: not seen (exit {proc.poll()})\n{log.read_text()[-4000:]}")
+        time.sleep(0.05)
+
+
+def train_steps_logged(run_dir: Path) -> int:
+    """How many train records ``RUN/history.jsonl`` holds (0 before it exists)."""
+    try:
+        return sum(1 for x in (run_dir / "history.jsonl").read_text().splitlines() if '"train"' in x)
+    except FileNotFoundError:
+        return 0
+
+
+def rank_pid(run_dir: Path, rank: int) -> int | None:
+    """The pid in ``RUN/ranks/<rank>/heartbeat.json`` (None until that rank wrote one)."""
+    import json
+
+    try:
+        return json.loads((run_dir / "ranks" / str(rank) / "heartbeat.json").read_text())["pid"]
+    except (OSError, ValueError, KeyError):
+        return None

@@ -111,7 +111,7 @@ def test_killed_run_ends_bit_identical_to_uninterrupted(tmp_path):
 
 def test_proof_fails_when_resume_skips_state(tmp_path):
     out = tmp_path / "chaos"
-    proc = _orchestrate(out, "--steps", "30", "--skip-restore", "rng")
+    proc = _orchestrate(out, "--steps", "30", "--skip-restore", "rng", "--kinds", "step_kill,save_kill,sigterm,corrupt")
     _assert_proof_failed(proc, out)
 
 
@@ -283,7 +283,8 @@ def test_without_a_store_a_node_loss_starts_over_and_the_proof_says_so(tmp_path)
     """The negative control: with no store the restart starts from step 0 and, being deterministic, ends
     bit-identical all the same; the proof must still fail, because the node loss was not resumed from a store."""
     out = tmp_path / "chaos"
-    proc = _orchestrate(out, "--steps", "20", "--set", "chaos.node_loss_steps=[15]")
+    kills = ("--kinds", "step_kill,save_kill,sigterm,corrupt")
+    proc = _orchestrate(out, "--steps", "20", "--set", "chaos.node_loss_steps=[15]", *kills)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     report = json.loads((out / "report.json").read_text())
     (trial,) = report["trials"]

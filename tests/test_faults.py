@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, TRAIN, compose_cfg, run_train, train_env
+from conftest import REPO, TRAIN, compose_cfg, rank_pid, run_train, train_env, train_steps_logged, wait_for
 from omegaconf import OmegaConf
 
 from resilient_train.chaos import ChaosSchedule
@@ -501,6 +501,7 @@ def test_dist_timeout_rule_accepts_equal_null_and_watchdog_off():
 # two ranks under torchrun
 
 
+@pytest.mark.slow  # the default suite has the same kinds with ranks in test_ranks' chaos proof
 def test_two_ranks_survive_nan_failed_save_bitflip_and_hang_and_end_identical(ref2, tmp_path):
     run_dir = tmp_path / "run"
     # Rank 1 gets the nans (4: before any checkpoint, 15), the failed save (its own files) and the bit flip;
@@ -558,11 +559,11 @@ def test_a_sigstopped_rank_is_reported_by_its_peers_watchdog_and_the_restarted_g
         )
     victim = None
     try:
-        _wait(lambda: _train_steps(run_dir) >= 3 and _pid(run_dir, 1), "step 3", proc, log)
-        victim = _pid(run_dir, 1)
+        wait_for(lambda: train_steps_logged(run_dir) >= 3 and rank_pid(run_dir, 1), "step 3", proc, log)
+        victim = rank_pid(run_dir, 1)
         os.kill(victim, signal.SIGSTOP)  # alive, silent, holding its peer in a collective
         stopped = time.monotonic()
-        _wait(lambda: "watchdog.hang" in log.read_text(), "rank 0's watchdog", proc, log, timeout=60)
+        wait_for(lambda: "watchdog.hang" in log.read_text(), "rank 0's watchdog", proc, log, timeout=60)
         waited = time.monotonic() - stopped
         assert proc.wait(timeout=240) == 0, log.read_text()[-4000:]
     finally:
@@ -584,25 +585,3 @@ def test_a_sigstopped_rank_is_reported_by_its_peers_watchdog_and_the_restarted_g
     assert not pid_alive(victim)  # torchrun ended the stopped worker too
     assert compare_checkpoints(final(ref2), final(run_dir)) is None
     assert compare_histories(read_history(ref2), read_history(run_dir), STEPS2) is None
-
-
-def _wait(cond, what: str, proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
-    end = time.monotonic() + timeout
-    while not cond():
-        if proc.poll() is not None or time.monotonic() > end:
-            pytest.fail(f"{what}: not seen (exit {proc.poll()})\n{log.read_text()[-4000:]}")
-        time.sleep(0.05)
-
-
-def _train_steps(run_dir: Path) -> int:
-    try:
-        return sum(1 for x in (run_dir / "history.jsonl").read_text().splitlines() if '"train"' in x)
-    except FileNotFoundError:
-        return 0
-
-
-def _pid(run_dir: Path, rank: int) -> int | None:
-    try:
-        return json.loads((run_dir / "ranks" / str(rank) / "heartbeat.json").read_text())["pid"]
-    except (OSError, ValueError, KeyError):
-        return None

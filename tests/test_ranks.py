@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, TRAIN, run_train, train_env
+from conftest import REPO, TRAIN, rank_pid, run_train, train_env, train_steps_logged, wait_for
 from omegaconf import OmegaConf
 
 from resilient_train.chaos import ChaosSchedule
@@ -165,36 +165,14 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step_and_resume_matche
     assert compare_checkpoints(committed(ref2 / "checkpoints")[-1], committed(run_dir / "checkpoints")[-1]) is None
 
 
-def _wait(cond, what: str, proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
-    end = time.monotonic() + timeout
-    while not cond():
-        if proc.poll() is not None or time.monotonic() > end:
-            pytest.fail(f"{what}: not seen (exit {proc.poll()})\n{log.read_text()[-4000:]}")
-        time.sleep(0.05)
-
-
-def _history_steps(run_dir: Path) -> int:
-    try:
-        return sum(1 for x in (run_dir / "history.jsonl").read_text().splitlines() if '"train"' in x)
-    except FileNotFoundError:
-        return 0
-
-
-def _pid(run_dir: Path, rank: int) -> int | None:
-    try:
-        return json.loads((run_dir / "ranks" / str(rank) / "heartbeat.json").read_text())["pid"]
-    except (OSError, ValueError):
-        return None
-
-
 def test_sigkilled_worker_is_restarted_by_torchrun_and_the_run_ends_identical(ref2, tmp_path):
     run_dir, log = tmp_path / "run", tmp_path / "torchrun.log"
     cmd = torchrun_train(run_dir, "trainer.max_steps=12", "resume_from=auto", max_restarts=2)
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=train_env())
     try:
-        _wait(lambda: _history_steps(run_dir) >= 3 and _pid(run_dir, 1), "step 3", proc, log)
-        os.kill(_pid(run_dir, 1), signal.SIGKILL)  # one worker, never torchrun
+        wait_for(lambda: train_steps_logged(run_dir) >= 3 and rank_pid(run_dir, 1), "step 3", proc, log)
+        os.kill(rank_pid(run_dir, 1), signal.SIGKILL)  # one worker, never torchrun
         assert proc.wait(timeout=240) == 0, log.read_text()[-4000:]
     finally:
         if proc.poll() is None:
@@ -213,11 +191,11 @@ def test_a_stopped_peer_ends_in_an_error_within_the_timeout_not_a_hang(tmp_path)
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=train_env())
     pid = None
     try:
-        _wait(lambda: _history_steps(run_dir) >= 3 and _pid(run_dir, 1), "step 3", proc, log)
-        pid = _pid(run_dir, 1)
+        wait_for(lambda: train_steps_logged(run_dir) >= 3 and rank_pid(run_dir, 1), "step 3", proc, log)
+        pid = rank_pid(run_dir, 1)
         os.kill(pid, signal.SIGSTOP)  # alive but silent: torchrun cannot see it, only the timeout can
         stopped = time.monotonic()
-        _wait(lambda: "train.failed" in log.read_text(), "rank 0's failure", proc, log, timeout=60)
+        wait_for(lambda: "train.failed" in log.read_text(), "rank 0's failure", proc, log, timeout=60)
         waited = time.monotonic() - stopped
         os.kill(pid, signal.SIGCONT)
         assert proc.wait(timeout=90) == 1

@@ -37,6 +37,7 @@ from resilient_train.monitor import (
 )
 from resilient_train.status import MAX_HEARTBEAT_BYTES, StatusError, format_status, run_status
 from resilient_train.train.observers import HeartbeatObserver, RankHeartbeatObserver
+from resilient_train.train.recovery import Recovery
 
 MONITOR_LOG = "resilient_train.monitor"
 LAYOUT_LOG = "resilient_train.checkpoint.layout"
@@ -551,6 +552,7 @@ def _fake_trainer(run: Path, step: int, epoch: int) -> SimpleNamespace:
         counters=SimpleNamespace(step=step),
         position=SimpleNamespace(epoch=epoch),
         ckpt=SimpleNamespace(last_saved=None, upload_status=lambda: None),
+        recovery=Recovery(max_rollbacks=3, on_save_error="continue"),
     )
 
 

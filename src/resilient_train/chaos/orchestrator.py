@@ -56,7 +56,7 @@ from .costs import by_kind, event_costs, goodput
 from .launch import TRAIN_CMD, ChaosArm, run_chaos_arm, run_command, torchrun_command
 from .local_s3 import LocalS3
 from .report import DIFFERENCES, checkpoint_every, compare_arms, group_restarts, markdown, node_loss_resumes, plot
-from .schedule import read_events, save_phase
+from .schedule import EVENT_KINDS, read_events, save_phase
 
 __all__ = ["main", "run_trial", "default_schedule", "TRAIN_CMD"]
 
@@ -220,6 +220,8 @@ def _chaos_overrides(args: argparse.Namespace, seed: int, ref_dir: Path, events_
         avoid = (best["step"],) if isinstance(best.get("step"), int) else ()
         schedule = default_schedule(seed, args.steps, every, remote=args.remote, nproc=args.nproc, avoid=avoid)
         for key, steps in schedule.items():
+            if args.kinds and key.removesuffix("_steps") not in args.kinds:
+                continue
             chaos_args.append(f"chaos.{key}=[{','.join(map(str, steps))}]")
     if args.skip_restore:
         chaos_args.append(f"chaos.skip_restore={args.skip_restore}")
@@ -283,6 +285,12 @@ def _parser() -> argparse.ArgumentParser:
         help="an external kill strikes uniformly within this many seconds after the restarted trainer's first new step",
     )
     p.add_argument(
+        "--kinds",
+        default="",
+        help="comma-separated event kinds the default schedule keeps (default: every kind; e.g. "
+        "step_kill,save_kill,sigterm,corrupt for the kills alone; external_stop names the outside SIGSTOP)",
+    )
+    p.add_argument(
         "--skip-restore",
         choices=["rng", "data"],
         default="",
@@ -307,8 +315,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.nproc < 1:
         p.error("--nproc must be >= 1")
+    kinds = [k for k in args.kinds.split(",") if k]
+    unknown = sorted(set(kinds) - {*EVENT_KINDS, "external_stop"})
+    if unknown:
+        p.error(f"--kinds: unknown kind(s) {unknown}; choose from {[*EVENT_KINDS, 'external_stop']}")
+    args.kinds = kinds
     if args.external_stops is None:
-        args.external_stops = 1 if args.nproc > 1 else 0
+        args.external_stops = 1 if args.nproc > 1 and (not kinds or "external_stop" in kinds) else 0
     elif args.external_stops > 0 and args.nproc < 2:
         p.error("--external-stops needs --nproc >= 2: the peers of a frozen rank detect it")
     out = args.out or Path.cwd() / "outputs" / "chaos" / time.strftime("%Y-%m-%d_%H-%M-%S")
