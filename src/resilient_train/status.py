@@ -145,6 +145,7 @@ def run_status(run_dir: str | os.PathLike, stale_after: float = 120.0) -> dict[s
         "epoch": _count(hb.get("epoch")),
         "last_train_loss": finite_float(last_train.get("loss")) if last_train else finite_float(hb.get("last_loss")),
         "last_train_step": last_train.get("step") if last_train else None,
+        "scaler": _scaler(last_train),
         "last_val_loss": finite_float(last_eval.get("val_loss")) if last_eval else None,
         "last_val_step": last_eval.get("step") if last_eval else None,
         "last_eval_metrics": {k: finite_float(last_eval.get(k)) for k in EVAL_METRICS if k in last_eval}
@@ -171,6 +172,14 @@ def _upload(u: Any) -> dict[str, Any] | None:
         "backlog": _count(u.get("backlog")),
         "last_error": _text(u.get("last_error")),
     }
+
+
+def _scaler(rec: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``16-mixed``: the generator's loss scale and the steps each optimizer skipped, from the last train record."""
+    skipped = rec.get("skipped") if rec else None
+    if not isinstance(skipped, dict):
+        return None
+    return {"scale": finite_float(rec.get("scale")), "skipped": {k: _count(skipped.get(k)) for k in ("gen", "discr")}}
 
 
 def _faults(f: Any) -> dict[str, Any] | None:
@@ -317,6 +326,11 @@ def format_status(s: dict[str, Any]) -> str:
     ]
     if s.get("upload") is not None:
         rows.insert(-1, ("uploads", _fmt_upload(s["upload"])))
+    if s.get("scaler") is not None:
+        sc = s["scaler"]
+        skipped = ", ".join(f"{k} {v}" for k, v in sc["skipped"].items())
+        scale = "-" if sc["scale"] is None else f"{sc['scale']:g}"
+        rows.insert(-1, ("fp16 scaler", f"scale {scale}, steps skipped (inf/NaN gradients): {skipped}"))
     if s.get("faults") is not None:
         rows.insert(-1, ("faults", _fmt_faults(s["faults"])))
     if s.get("hangs"):

@@ -118,6 +118,11 @@ class Chaos(Observer):
         With ranks it strikes the last rank alone: ``rng`` keeps its generators as they are, ``data``
         shifts the clips it reads by one (its position stays right, so the ranks still agree on it).
         """
+        if self.skip_restore == "scaler":  # on every rank: it is replicated state, and the replica check would see one
+            if "scaler" in state:  # 16-mixed: the gradient scalers start afresh, as a resume that lost them would
+                log.warning("chaos.skip_restore=scaler: NOT restoring the gradient scalers (negative control)")
+                state["scaler"] = trainer.precision.state_dict()
+            return
         if not self.skip_restore or self.rank != self.world_size - 1:
             return
         rank = state.get("ranks", {}).get(str(trainer.rank.rank))
@@ -152,12 +157,18 @@ class Chaos(Observer):
             self._record("hang", step)
             threading.Event().wait()  # blocked for good, the GIL released: only the watchdog ends this
 
-    def on_backward(self, trainer: Any, step: int) -> None:
-        """After the generator's backward pass, before the guard: a NaN in one gradient of the victim."""
-        if self._due("nan", step):
-            grads = [p.grad for p in trainer.model.parameters() if p.grad is not None]
-            self._record("nan", step, where="gradient")
-            grads[0].view(-1)[0] = float("nan")
+    def on_backward(self, trainer: Any, step: int, values: dict[str, float]) -> None:
+        """After the generator's backward pass, before the guard: a NaN in one gradient of the victim; in
+        ``16-mixed``, where a non-finite gradient is the scaler's overflow to skip, in the loss the guard checks."""
+        if not self._due("nan", step):
+            return
+        if trainer.precision.scaled:
+            self._record("nan", step, where="loss")
+            values["loss"] = float("nan")
+            return
+        grads = [p.grad for p in trainer.model.parameters() if p.grad is not None]
+        self._record("nan", step, where="gradient")
+        grads[0].view(-1)[0] = float("nan")
 
     def _bitflip(self, trainer: Any, step: int) -> None:
         """Flip one mantissa bit of one parameter of this rank's model, in memory."""

@@ -292,7 +292,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--skip-restore",
-        choices=["rng", "data"],
+        choices=["rng", "data", "scaler"],
         default="",
         help="negative control: do not restore this state on resume; the proof must then fail",
     )

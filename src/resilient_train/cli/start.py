@@ -28,6 +28,7 @@ from ..resume.target import StartupError
 from ..resume.timeline import take_over_timeline
 from ..train.device import device_name, indexed, resolve_device
 from ..train.env import capture_env, configure_process
+from ..train.precision import check_precision
 from ..train.trainer import Trainer
 from .argv import hydra_subdir
 
@@ -142,6 +143,7 @@ def _build(plan: ResumePlan, run_dir: Path, g: Group) -> Trainer:
         require_tensorboard()
     configure_process(cfg.trainer)  # the thread count and kernels the environment check compares
     device = indexed(resolve_device(cfg.trainer.device))
+    check_precision(cfg.trainer.precision, device)  # before the data and the model
     data = build_data(cfg.data, cfg.seed)  # a folder that cannot be used is refused before the model is built
     changes = list(plan.changes)
     if plan.loaded is not None:

@@ -42,7 +42,7 @@ class ChaosConfig:
     io_error_steps: list[int] = field(default_factory=list)
     # Where the events are recorded ("" = the run directory); a node loss needs a folder outside the run directory.
     events_dir: str = ""
-    # Negative control: on resume, drop one restored part ("", "rng", "data") so the proof must fail.
+    # Negative control: on resume, drop one restored part ("", "rng", "data", "scaler") so the proof must fail.
     skip_restore: str = ""
     # For tests: park the checkpoint writer at a save phase, or the uploader at "uploading" ("<phase>" or
     # "<phase>@<step>"), to SIGKILL it there.
@@ -72,7 +72,7 @@ def check_chaos(get: Get, need: Need, hook_phases: tuple[str, ...]) -> None:
             "must be a list of steps, each an integer >= 1",
         )
     skip = get("chaos.skip_restore")
-    need(skip in ("", "rng", "data"), "chaos.skip_restore", skip, "must be '', 'rng' or 'data'")
+    need(skip in ("", "rng", "data", "scaler"), "chaos.skip_restore", skip, "must be '', 'rng', 'data' or 'scaler'")
     hold = get("chaos.hold_phase")
     hold_phase, at, hold_step = (hold if isinstance(hold, str) else "?").partition("@")
     need(

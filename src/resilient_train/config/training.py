@@ -38,6 +38,9 @@ class TrainerConfig:
     # auto: this process's GPU when torch sees CUDA (LOCAL_RANK's under torchrun), else the CPU; or cpu, cuda, cuda:N.
     device: str = "auto"
     deterministic: bool = True
+    # 32 (float32), bf16-mixed or 16-mixed (autocast for the forward passes and losses; weights and optimizer
+    # state in float32; 16-mixed adds a gradient scaler per optimizer, saved in every checkpoint).
+    precision: str = "32"
     eval_every_n_steps: int = 100
     eval_batches: int = 2
     log_every_n_steps: int = 1
@@ -57,6 +60,9 @@ class TrainerConfig:
     replica_check_every_n_steps: int = 0
     ema: EMAConfig = field(default_factory=EMAConfig)
 
+
+#: ``trainer.precision``'s choices (the dtypes live in ``train.precision``, which this layer may not import).
+PRECISIONS = ("32", "bf16-mixed", "16-mixed")
 
 #: What ``trainer.device`` may say (resolved against the machine by :mod:`resilient_train.train.device`).
 DEVICE_SPEC = re.compile(r"auto|cpu|cuda(:\d+)?")
@@ -112,6 +118,13 @@ def check_optimizer(get: Get, need: Need) -> None:
 
 def check_trainer(get: Get, need: Need) -> None:
     """The trainer's checks beyond :data:`AT_LEAST` and :data:`REAL_RANGES`."""
+    precision = get("trainer.precision")
+    need(
+        precision in PRECISIONS,
+        "trainer.precision",
+        precision,
+        f"must be one of {list(PRECISIONS)} (float32; bfloat16 or float16 autocast with float32 weights)",
+    )
     dist, hang = get("trainer.dist_timeout_secs"), get("trainer.hang_timeout_secs")
     need(
         dist is None or (finite(dist) and dist > 0 and (not finite(hang) or hang <= 0 or dist >= hang)),

@@ -32,6 +32,7 @@ import torch
 
 from ..checkpoint import Loaded
 from ..checkpoint.manifest import MANIFEST, RANKS_DIR, STATE_JSON, STATE_TENSORS
+from ..train.precision import scaler_problem
 
 __all__ = ["check_checkpoint", "check_rng_state", "saved_config"]
 
@@ -298,6 +299,7 @@ def _check_tensors(p: _Problems, state: dict[str, Any], cfg: Any, step: int) -> 
             p.add("ema.safetensors", "ema", "absent, but trainer.ema.enabled is true in the saved config")
         else:
             _check_weights(p, "ema.safetensors", "ema", state["ema"], eval_copy(model).state_dict())
+    skipped = _skipped(p, state, cfg)
     o = cfg.optimizer
     for part, params, lr in (
         ("gen", list(model.parameters()), o.lr),
@@ -307,10 +309,18 @@ def _check_tensors(p: _Problems, state: dict[str, Any], cfg: Any, step: int) -> 
         opt = torch.optim.AdamW(params, lr=lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
         # The discriminator is stepped only with the GAN on; without it its optimizer never holds state.
-        steps = step if part == "gen" or cfg.model.use_gan else None
+        steps = step - skipped.get(part, 0) if part == "gen" or cfg.model.use_gan else None
         shapes = [tuple(t.shape) for t in params]
         _check_optimizer(p, f"optim_{part}", state.get(f"optim_{part}"), shapes, steps, opt.state_dict())
         _check_schedule(p, f"sched_{part}", state.get(f"sched_{part}"), step, sched.state_dict())
+
+
+def _skipped(p: _Problems, state: dict[str, Any], cfg: Any) -> dict[str, int]:
+    """In ``16-mixed``: the scaler part restorable; the steps each optimizer skipped (its step count is less)."""
+    problem = scaler_problem(state.get("scaler")) if cfg.trainer.precision == "16-mixed" else ""
+    if problem:
+        p.add(STATE_JSON, "scaler", problem)
+    return dict(state["scaler"]["skipped"]) if problem is None else {}
 
 
 def _check_weights(p: _Problems, file: str, part: str, weights: Any, expected: dict[str, torch.Tensor]) -> None:

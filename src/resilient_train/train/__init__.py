@@ -3,7 +3,8 @@
 Owns: :class:`~.trainer.Trainer` (the loop over a mapping of named ``Stateful`` parts), the parts
 themselves (:mod:`.parts`: counters, data position, per-rank state, EMA, LR schedule), the random
 streams (:mod:`.rng`), what determines a run's bits on this machine (:mod:`.env`), the device
-(:mod:`.device`), DDP and the collective stop (:mod:`.ranks`), one optimizer step (:mod:`.step`), the
+(:mod:`.device`), DDP and the collective stop (:mod:`.ranks`), one optimizer step (:mod:`.step`), mixed
+precision and the fp16 scalers (:mod:`.precision`), the
 guards and the faults they raise (:mod:`.faults`: finite values, equal replicas), recovery without a new
 process (:mod:`.recovery`: in-process rollback, failed saves), the hang watchdog (:mod:`.watchdog`),
 and the step observers that watch the loop (:mod:`.observers`: history, heartbeat, progress bar;

@@ -9,8 +9,8 @@
 * ``on_saved(trainer, record)`` with the same record, after the step's checkpoint decision (whether
   or not it saved);
 * ``on_end(trainer, status)`` once, with ``finished``, ``stopped`` or ``failed``, also on an error;
-* ``on_backward(trainer, step)`` inside step ``step``, after the generator's backward pass and before
-  the finite-value guard (only chaos acts here);
+* ``on_backward(trainer, step, values)`` inside step ``step``, after the generator's backward pass and
+  before the finite-value guard, which then checks ``values`` (the step's loss; only chaos acts here);
 * ``on_rollback(trainer, record)`` after an in-process rollback (:mod:`.recovery`) restored the state
   of ``record["step"]``: the history is cut back to it and gets the ``rollback`` record.
 
@@ -63,7 +63,7 @@ class Observer:
     def on_end(self, trainer: Trainer, status: str) -> None:
         pass
 
-    def on_backward(self, trainer: Trainer, step: int) -> None:
+    def on_backward(self, trainer: Trainer, step: int, values: dict[str, float]) -> None:
         pass
 
     def on_rollback(self, trainer: Trainer, record: dict[str, Any]) -> None:
@@ -103,7 +103,9 @@ class HistoryObserver(Observer):
             log.info("train.first_step step=%d rank=%d", step, self.rank)
             self.first = False
         if step % self.every == 0:  # stamped when the step ended, before any evaluation
-            metrics = {k: record[k] for k in self.TRAIN_KEYS}
+            metrics = {k: record[k] for k in self.TRAIN_KEYS} | {
+                k: record[k] for k in ("scale", "skipped") if k in record
+            }
             self.writer.write({"kind": "train", "step": step, "epoch": epoch, **metrics, "time": record["time"]})
         if record["val_loss"] is not None:  # val_loss, reconstruction and codebook metrics (.metrics)
             metrics = {"val_loss": record["val_loss"], **trainer.last_eval}

@@ -49,6 +49,7 @@ from .parts import (
     apply_hyperparameters,
     optimizer_and_schedule,
 )
+from .precision import Precision, fresh_parts
 from .ranks import wrap_ddp
 from .recovery import Recovery
 from .rng import rank_seed, seed_everything
@@ -113,6 +114,7 @@ class Trainer:
         self.opt_gen, self.sched_gen = optimizer_and_schedule(self.model.parameters(), o, o.lr)
         self.opt_discr, self.sched_discr = optimizer_and_schedule(self.model.discr_parameters(), o, o.discr_lr)
         self.ema = EMA(self.model, t.ema.decay, t.ema.update_every) if t.ema.enabled else None
+        self.precision = Precision(t.precision, self.device)
 
         self.batches_per_epoch = batches_per_epoch(self.train_ds, cfg.data, g.world_size)
         if self.batches_per_epoch < 1:
@@ -128,6 +130,8 @@ class Trainer:
         self.states: dict[str, Any] = dict(zip(REQUIRED_PARTS, parts))
         if self.ema is not None:
             self.states["ema"] = self.ema
+        if self.precision.scaled:  # 16-mixed: the gradient scalers' state is part of every checkpoint
+            self.states["scaler"] = self.precision
         ck = cfg.checkpoint
         self.recovery = Recovery(t.max_rollbacks, ck.on_save_error)
         self.watchdog = Watchdog(t.hang_timeout_secs, self.run_dir, g.rank, lambda: self.counters.step)
@@ -158,11 +162,12 @@ class Trainer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore every part; the RNG is applied right before the first batch (see :meth:`next_batch`)."""
-        missing = [k for k in (*self.states, "env") if k not in state]
+        missing = [k for k in (*self.states, "env") if k not in state and k not in fresh_parts(state)]
         if missing:
             raise StateError(f"checkpoint lacks {missing}; cannot resume exactly")
         for name, part in self.states.items():
-            part.load_state_dict(state[name])
+            if name in state:
+                part.load_state_dict(state[name])
         o = self.cfg.optimizer
         # The config's hyperparameters win over the loaded ones (they differ only after an allowed change).
         for opt, sched, lr in ((self.opt_gen, self.sched_gen, o.lr), (self.opt_discr, self.sched_discr, o.discr_lr)):
@@ -315,15 +320,11 @@ class Trainer:
         save = self.ckpt.should_save(c.step, last=final, improved=improved, stopping=stopping)
         every = t.replica_check_every_n_steps
         if save or (every > 0 and c.step % every == 0):
-            check_replicas(self.group, c.step, self.replicated_state())
+            check_replicas(self.group, c.step, {k: p.state_dict() for k, p in self.states.items() if k != "ranks"})
         if save:
             best = improved and self.ckpt.save_on_best
             save_now = lambda: self.save_checkpoint(val_loss=last["val_loss"], is_best=best)  # noqa: E731
             self.recovery.save(self.ckpt, save_now, c.step, final or stopping)
-
-    def replicated_state(self) -> dict[str, Any]:
-        """The state every rank holds the same copy of (weights, EMA, optimizers, schedules, counters)."""
-        return {name: part.state_dict() for name, part in self.states.items() if name != "ranks"}
 
 
 def run_metadata(cfg: TrainConfig, env: dict[str, Any], fingerprint: dict[str, Any] | None, g: Group) -> dict[str, Any]:
