@@ -23,6 +23,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from ..checkpoint import load_checkpoint
 from ..checkpoint.manager import SaveError
 from .faults import SAVE_RETRIES, Fault, RollbackBudget
@@ -33,6 +35,17 @@ if TYPE_CHECKING:
 __all__ = ["Recovery"]
 
 log = logging.getLogger(__name__)
+
+
+def _cpu_copy(obj: Any) -> Any:
+    """A deep copy with every tensor cloned into CPU memory."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu_copy(v) for v in obj)
+    return copy.deepcopy(obj)
 
 
 class Recovery:
@@ -56,9 +69,10 @@ class Recovery:
         }
 
     def keep_initial(self, trainer: Any) -> None:
-        """At the first step of a run with no checkpoint: keep the state it starts from, to roll back to."""
+        """At the first step of a run with no checkpoint: keep the state it starts from, to roll back to (in CPU
+        memory, not the GPU's; dropped once a checkpoint is committed)."""
         if trainer.counters.step == 0 and trainer.ckpt.last_saved is None:
-            self._initial = copy.deepcopy(trainer.state_dict())
+            self._initial = _cpu_copy(trainer.state_dict())
 
     # -- rollback ---------------------------------------------------------------------------------
 
