@@ -466,11 +466,11 @@ def test_tensor_digests_see_one_flipped_bit_in_one_tensor():
 @pytest.mark.parametrize(
     ("overrides", "named"),
     [
-        (("trainer.dist_timeout_secs=5", "trainer.hang_timeout_secs=10"), "trainer.dist_timeout_secs"),
+        (("trainer.dist_timeout_secs=0",), "trainer.dist_timeout_secs"),
         (("checkpoint.on_save_error=maybe",), "checkpoint.on_save_error"),
         (("chaos.enabled=true", "chaos.bitflip_steps=[3]"), "chaos.bitflip_"),
     ],
-    ids=["dist_timeout_below_hang", "on_save_error", "bitflip_one_process"],
+    ids=["dist_timeout_zero", "on_save_error", "bitflip_one_process"],
 )
 def test_refused_configurations_exit_2_naming_the_key(tmp_path, overrides, named):
     run_dir = tmp_path / "run"
@@ -482,7 +482,7 @@ def test_refused_configurations_exit_2_naming_the_key(tmp_path, overrides, named
     assert not (run_dir / "history.jsonl").exists() and not (run_dir / "checkpoints").exists()
 
 
-def test_dist_timeout_rule_accepts_equal_null_and_watchdog_off():
+def test_dist_timeout_rule_accepts_equal_null_and_watchdog_off(caplog):
     base = ["+experiment=tiny"]
     for ok in (
         ["trainer.dist_timeout_secs=10", "trainer.hang_timeout_secs=10"],
@@ -491,8 +491,11 @@ def test_dist_timeout_rule_accepts_equal_null_and_watchdog_off():
         ["chaos.bitflip_steps=[3]"],  # chaos off: nothing fires, nothing to refuse
     ):
         validate_config(compose_cfg(base + ok))
-    with pytest.raises(ValueError, match="trainer.dist_timeout_secs"):
-        validate_config(compose_cfg([*base, "trainer.dist_timeout_secs=9.5", "trainer.hang_timeout_secs=10"]))
+    # Below the watchdog's: accepted (old checkpoints saved 120 s), and warned about where the timeout is set.
+    validate_config(compose_cfg([*base, "trainer.dist_timeout_secs=9.5", "trainer.hang_timeout_secs=10"]))
+    with caplog.at_level(logging.WARNING, logger="resilient_train.train.watchdog"):
+        assert collective_timeout(10, 9.5) == 9.5
+    assert "dist.timeout_below_watchdog dist_timeout_secs=9.5 hang_timeout_secs=10" in caplog.text
     with pytest.raises(ValueError, match="trainer.hang_timeout_secs"):
         validate_config(compose_cfg([*base, "trainer.hang_timeout_secs=-1"]))
 

@@ -110,9 +110,18 @@ def typed(cfg: DictConfig | TrainConfig) -> TrainConfig:
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg))  # type: ignore[return-value]
 
 
+#: Keys that change the weights, added to the schema after checkpoints were written without them, with the value
+#: those runs had: a config holding that value hashes as one without the key, so old checkpoints keep their hash.
+LEGACY_VALUES: dict[str, Any] = {"trainer.precision": "32"}
+
+
 def config_hash(cfg: Any, drop: tuple[str, ...] = RESUME_SAFE_KEYS) -> str:
-    """SHA-256 of the config that determines the weights (resume-safe keys dropped)."""
-    flat = {k: v for k, v in flatten(to_plain(cfg)).items() if not is_resume_safe(k, drop)}
+    """SHA-256 of the config that determines the weights (resume-safe keys, and :data:`LEGACY_VALUES`, dropped)."""
+    flat = {
+        k: v
+        for k, v in flatten(to_plain(cfg)).items()
+        if not is_resume_safe(k, drop) and not (k in LEGACY_VALUES and LEGACY_VALUES[k] == v)
+    }
     return hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()
 
 

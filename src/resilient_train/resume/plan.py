@@ -31,7 +31,7 @@ from ..checkpoint import (
 from ..checkpoint.layout import CHECKPOINTS_DIR, parse_step
 from ..checkpoint.store import Store, is_remote_url
 from ..config import TrainConfig, flatten, is_resume_safe, to_plain
-from .checks import check_checkpoint
+from .checks import check_checkpoint, saved_config
 from .remote import fetch_newest, open_store, refuse_reused_prefix, split_url
 from .target import StartupError, resume_target
 
@@ -164,7 +164,7 @@ def _plan(cfg: DictConfig, overrides: list[str], loaded: Loaded | None) -> Resum
         return ResumePlan(cfg)
     if not isinstance(loaded.state.get("config"), dict):
         raise CheckpointError(f"{loaded.path / 'state.json'}: holds no config")
-    saved = OmegaConf.create(loaded.state["config"])
+    saved = saved_config(loaded.state["config"])  # keys added to the schema since: their defaults
     if any(_group_override(o) for o in overrides):
         candidate = OmegaConf.create(to_plain(cfg))  # the command line names a full experiment: compare it all
     else:

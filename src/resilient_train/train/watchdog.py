@@ -17,7 +17,8 @@ Invariants:
   timeout, as nvidia-resiliency-ext's initial heartbeat timeout does;
 * the distributed collective timeout is longer than the watchdog's by :data:`COLLECTIVE_MARGIN_SECS`
   unless set (``trainer.dist_timeout_secs``), so that a peer's hang is reported by the watchdog,
-  with stacks, rather than by a collective's error; :func:`collective_timeout` is the one rule.
+  with stacks, rather than by a collective's error; :func:`collective_timeout` is the one rule, and
+  it warns (``dist.timeout_below_watchdog``) when a set one is shorter than the watchdog's.
 
 The thread polls about ten times per timeout (at least every second) and never touches training
 state, so it changes no bits.
@@ -52,6 +53,14 @@ def collective_timeout(hang_timeout_secs: float, dist_timeout_secs: float | None
     """How long a collective waits for a peer: ``trainer.dist_timeout_secs`` when set, else the watchdog's
     timeout plus :data:`COLLECTIVE_MARGIN_SECS` (120 s with the watchdog off)."""
     if dist_timeout_secs is not None:
+        if 0 < dist_timeout_secs < hang_timeout_secs:
+            log.warning(
+                "dist.timeout_below_watchdog dist_timeout_secs=%g hang_timeout_secs=%g: a frozen peer ends the group "
+                "by a collective's error (exit 1) before the watchdog reports it with stacks (exit 124); set "
+                "trainer.dist_timeout_secs=null to let the watchdog speak first",
+                dist_timeout_secs,
+                hang_timeout_secs,
+            )
         return float(dist_timeout_secs)
     return float(hang_timeout_secs) + COLLECTIVE_MARGIN_SECS if hang_timeout_secs > 0 else 120.0
 
