@@ -81,12 +81,7 @@ class Recovery:
         :class:`~.faults.DivergedError` when the fault's step has no rollback left."""
         t0 = time.perf_counter()
         g = trainer.group
-        try:
-            trainer.ckpt.wait()  # an async save in flight lands first
-        except SaveError as exc:
-            self.note_save_error(fault.step, exc)
-            if self.on_save_error == "stop":
-                raise
+        self.wait(trainer.ckpt, fault.step)  # an async save in flight lands first
         newest = trainer.ckpt.committed()
         target = g.broadcast(str(newest[-1]) if newest and g.is_main else None)
         if target is None and self._initial is None:
@@ -142,12 +137,7 @@ class Recovery:
         ``checkpoint.on_save_error=stop`` it is raised at once."""
         attempts = 1 + (SAVE_RETRIES if must else 0)
         for attempt in range(1, attempts + 1):
-            try:
-                ckpt.wait()  # an async save's failure belongs to its own step, not to this one
-            except SaveError as exc:
-                self.note_save_error(step, exc)
-                if self.on_save_error == "stop":
-                    raise
+            self.wait(ckpt, step)  # an async save's failure belongs to its own step, not to this one
             try:
                 save()
                 if must:
@@ -160,6 +150,16 @@ class Recovery:
                 if self.on_save_error == "stop" or attempt == attempts and must:
                     raise
         return False
+
+    def wait(self, ckpt: Any, step: int) -> None:
+        """Wait for the async save in flight; its failure is noted (and raised with ``on_save_error=stop``).
+        Everything that waits for a save goes through here, so that ``continue`` holds wherever it surfaces."""
+        try:
+            ckpt.wait()
+        except SaveError as exc:
+            self.note_save_error(step, exc)
+            if self.on_save_error == "stop":
+                raise
 
     def note_save_error(self, step: int, exc: BaseException, attempt: int = 1) -> None:
         """Count and log a failed save (of ``exc.step`` when it says, else of ``step``)."""

@@ -294,7 +294,7 @@ class Trainer:
                 for obs in observers:
                     obs.on_saved(self, last)
                 self.watchdog.beat("step")
-            self.ckpt.wait()
+            self.recovery.wait(self.ckpt, c.step)
             done = c.step >= t.max_steps  # at the end, uploads that did not arrive are a failure (SaveError)
             with self.watchdog.paused():  # bounded by checkpoint.upload_timeout_secs
                 self.ckpt.finish_uploads(self.cfg.checkpoint.upload_timeout_secs, finished_at=c.step if done else None)
