@@ -21,11 +21,13 @@ restarts the group.
 
 Faults beyond death: a ``hang`` blocks the victim inside the step (an ``Event.wait`` that releases
 the GIL, as a process stuck in a collective or a dead file system is) until the watchdog ends it
-(exit 124); a ``nan`` puts a NaN into one gradient of the victim after the backward pass (the guard
-rolls back in-process); a ``bitflip`` flips one mantissa bit of one parameter of the victim after
-the step (the replica check before the next commit rolls back; with one process nothing can see
-it, so the agent refuses to schedule one); an ``io_error`` makes the save at that step fail with
-EIO or ENOSPC at a seeded phase (``checkpoint.on_save_error`` decides what follows).
+(exit 124); a ``nan`` puts a NaN into one gradient of the victim after the backward pass (in
+``16-mixed`` into the loss the guard checks: there a non-finite gradient is the scaler's overflow),
+and the guard rolls back in-process; a ``bitflip`` flips one mantissa bit of one parameter of the
+victim after the step (the replica check before the next commit rolls back; with one process
+nothing can see it, so explicit bitflip steps are refused there and a bitflip rate is ignored); an
+``io_error`` makes the save at that step fail with EIO or ENOSPC at a seeded phase
+(``checkpoint.on_save_error`` decides what follows).
 
 Chaos never draws from the process-global RNGs, so it cannot change the bits of training. The
 schedule itself is :mod:`.schedule` (torch-free: the orchestrator uses it).
