@@ -26,6 +26,7 @@ from ..resume.lock import PendingLog, RunLock
 from ..resume.plan import ResumePlan, check_added_keys, plan_chosen, plan_resume
 from ..resume.target import StartupError
 from ..resume.timeline import take_over_timeline
+from ..train.compiled import check_compile
 from ..train.device import device_name, indexed, resolve_device
 from ..train.env import capture_env, configure_process
 from ..train.precision import check_precision
@@ -144,6 +145,8 @@ def _build(plan: ResumePlan, run_dir: Path, g: Group) -> Trainer:
     configure_process(cfg.trainer)  # the thread count and kernels the environment check compares
     device = indexed(resolve_device(cfg.trainer.device))
     check_precision(cfg.trainer.precision, device)  # before the data and the model
+    if cfg.trainer.compile:
+        check_compile(device)
     data = build_data(cfg.data, cfg.seed)  # a folder that cannot be used is refused before the model is built
     changes = list(plan.changes)
     if plan.loaded is not None:

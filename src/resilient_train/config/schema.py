@@ -72,6 +72,9 @@ RESUME_SAFE_KEYS: tuple[str, ...] = (
     "trainer.num_samples",
     # The device a run trains on is recorded in each checkpoint's environment and compared there.
     "trainer.device",
+    # Compiled kernels order the floating-point operations differently, as another device does: a speed
+    # choice that a resume may switch (the bits then follow the new setting).
+    "trainer.compile",
     "checkpoint.",
     "chaos.",
     "data.num_workers",

@@ -41,6 +41,8 @@ class TrainerConfig:
     # 32 (float32), bf16-mixed or 16-mixed (autocast for the forward passes and losses; weights and optimizer
     # state in float32; 16-mixed adds a gradient scaler per optimizer, saved in every checkpoint).
     precision: str = "32"
+    # torch.compile of the generator's encoder and decoder layers (train.compiled); keys and checkpoints unchanged.
+    compile: bool = False
     eval_every_n_steps: int = 100
     eval_batches: int = 2
     log_every_n_steps: int = 1

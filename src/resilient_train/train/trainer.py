@@ -35,6 +35,7 @@ from ..data.loader import batches_per_epoch, build_data, build_loader
 from ..dist import Group
 from ..monitor import plot_loss
 from ..tokenizer.model import build_model
+from .compiled import compile_generator
 from .device import indexed, resolve_device
 from .env import capture_env, configure_process, package_versions
 from .evaluation import Evaluator
@@ -270,8 +271,8 @@ class Trainer:
         c, t, g = self.counters, self.cfg.trainer, self.group
         observers = [*default_observers(self.cfg, g), *self.observers]
         status, last, stopping = "failed", {}, False
-        if self.net is self.model:
-            self.net = wrap_ddp(self.model, g, self.device)  # all ranks together, after any restore
+        if self.net is self.model:  # compiled in place (keys unchanged), then DDP: all ranks, after any restore
+            self.net = wrap_ddp(compile_generator(self.model) if t.compile else self.model, g, self.device)
         self.recovery.keep_initial(self)
         signals = StopSignals(lambda: c.step).__enter__()
         self.watchdog.start()
