@@ -158,3 +158,81 @@ def test_tokenize_folders_into_codes_per_video_with_reconstructions(exported, tm
     assert report["clips"] == 1 and report["psnr"] == float(psnr(clip, recon)[0])
     assert report["ssim"] == float(ssim(clip, recon)[0])
     assert report["codebook_usage"] == codebook_stats(codes, 1000)["codebook_usage"]
+
+
+@pytest.mark.parametrize(
+    "dtype, torch_dtype", [("bf16", torch.bfloat16), pytest.param("fp16", torch.float16, marks=pytest.mark.slow)]
+)
+def test_a_half_precision_export_halves_the_weights_and_loads_with_magvit2_alone(
+    trained_run, exported, tmp_path, dtype, torch_dtype
+):
+    from safetensors.torch import load_file
+
+    out = tmp_path / f"tok-{dtype}"
+    proc = export(trained_run, "--out", out, "--dtype", dtype)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    full, half = load_file(exported / "tokenizer.safetensors"), load_file(out / "tokenizer.safetensors")
+    assert full.keys() == half.keys()
+    for k, v in half.items():  # the float32 weights rounded, the integer buffers as they were
+        assert v.dtype == (torch_dtype if full[k].is_floating_point() else full[k].dtype), k
+        assert torch.equal(v, full[k].to(v.dtype)), k
+    size = (out / "tokenizer.safetensors").stat().st_size / (exported / "tokenizer.safetensors").stat().st_size
+    assert 0.45 < size < 0.55, size
+    assert json.loads((out / "config.json").read_text())["dtype"] == dtype
+
+    # The README's lines, in a process that never imports resilient_train, give the codes of the rounded weights.
+    torch.save(video(), tmp_path / "video.pt")
+    script = ALONE.format(snippet=LOAD_SNIPPET.format(dir=out))
+    alone = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "video.pt"), str(tmp_path / "codes.pt")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    loaded = resilient_train.load_tokenizer(out)
+    assert all(p.dtype == torch.float32 for p in loaded.parameters())
+    with torch.no_grad():
+        _, ours = loaded.encode(video(), quantize=True, video_contains_first_frame=True)
+    assert torch.equal(torch.load(tmp_path / "codes.pt"), ours)
+
+    bad = export(trained_run, "--out", tmp_path / "x", "--dtype", "fp8")
+    assert bad.returncode == 2 and "invalid choice: 'fp8'" in bad.stderr and "float32" in bad.stderr
+
+
+def test_tokenize_and_evaluate_run_in_each_precision_and_refuse_an_unknown_one(exported, tmp_path):
+    from safetensors.torch import load_file
+
+    from resilient_train.data import write_video
+
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    rng = __import__("numpy").random.default_rng(1)
+    write_video(videos / "a.mkv", rng.integers(0, 256, (10, 16, 16, 3), dtype="uint8"), codec="ffv1")
+    env = train_env()
+
+    def tool(name: str, *args: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", f"resilient_train.{name}", "--tokenizer", str(exported), *args]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+
+    psnr = {}
+    for precision in ("32", "bf16-mixed"):
+        out = tmp_path / f"codes-{precision}"
+        proc = tool("tokenize", str(videos), "--out", str(out), "--precision", precision, "--reconstruct")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        codes = load_file(out / "a.mkv.safetensors")["codes"]
+        assert codes.dtype == torch.int32 and codes.shape == (2, 3, 8, 8)
+        assert (out / "a.mkv.recon.mp4").stat().st_size > 0
+        ev = tool("evaluate", "--data", str(videos), "--precision", precision, "--json")
+        assert ev.returncode == 0, ev.stderr[-3000:]
+        psnr[precision] = json.loads(ev.stdout)["psnr"]
+    # bfloat16 autocast reconstructs nearly as well as float32 (it is not the same arithmetic, so not equal).
+    assert abs(psnr["bf16-mixed"] - psnr["32"]) < 1.0, psnr
+
+    for name, args in (
+        ("tokenize", (str(videos), "--out", str(tmp_path / "x"))),
+        ("evaluate", ("--data", str(videos))),
+    ):
+        bad = tool(name, *args, "--precision", "fp8")
+        assert bad.returncode == 2 and "invalid choice: 'fp8'" in bad.stderr and "bf16-mixed" in bad.stderr, bad.stderr

@@ -2,7 +2,9 @@
 
 Every clip of the given videos or folders (cut as in training, :mod:`.video`) is encoded and
 decoded by the exported tokenizer; prints MSE, PSNR, SSIM, codebook usage and perplexity
-(:mod:`.metrics`) as a table, or one JSON object with ``--json``. Nothing is downloaded.
+(:mod:`.metrics`) as a table, or one JSON object with ``--json``. ``--precision`` runs the tokenizer
+under autocast as in training (:mod:`.autocast`); the metrics are computed in float32. Nothing is
+downloaded.
 """
 
 from __future__ import annotations
@@ -15,17 +17,27 @@ from typing import Any
 
 import torch
 
+from .autocast import PRECISIONS
+
 __all__ = ["evaluate_tokenizer", "main"]
 
 
 def evaluate_tokenizer(
-    tokenizer_dir: Path, data: list[Path], *, batch_size: int = 4, max_clips: int = 0, device: str = "cpu"
+    tokenizer_dir: Path,
+    data: list[Path],
+    *,
+    batch_size: int = 4,
+    max_clips: int = 0,
+    device: str = "cpu",
+    precision: str = "32",
 ) -> dict[str, Any]:
     from ..data.clips import Preprocessing
     from ..data.folder import clips_of
+    from .autocast import autocast, check_precision
     from .export import load_tokenizer, read_config
     from .metrics import Reconstruction
 
+    check_precision(precision, torch.device(device), "--precision")
     cfg = read_config(tokenizer_dir)
     c, vcff = cfg["clip"], bool(cfg["video_contains_first_frame"])
     n = int(c["num_frames"])
@@ -35,9 +47,10 @@ def evaluate_tokenizer(
     count = min(len(clips), max_clips) if max_clips else len(clips)
     for b in range(0, count, batch_size):
         video = torch.stack([clips[k] for k in range(b, min(b + batch_size, count))]).to(device)
-        with torch.no_grad():
+        with torch.no_grad(), autocast(precision, video.device):
             quantized, codes = model.encode(video, quantize=True, video_contains_first_frame=vcff)
             recon = model.decode(quantized, video_contains_first_frame=vcff)
+        recon = recon.float()
         metrics.add(video, recon, codes)
     return {"clips": count, "files": len(clips.files), "skipped": skipped, **metrics.result()}
 
@@ -49,11 +62,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--max-clips", type=int, default=0, help="evaluate at most this many clips (0: all)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--precision", choices=list(PRECISIONS), default="32", help="autocast, as trainer.precision")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
     try:
         r = evaluate_tokenizer(
-            args.tokenizer, args.data, batch_size=args.batch_size, max_clips=args.max_clips, device=args.device
+            args.tokenizer,
+            args.data,
+            batch_size=args.batch_size,
+            max_clips=args.max_clips,
+            device=args.device,
+            precision=args.precision,
         )
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -1,8 +1,11 @@
-"""``python -m resilient_train.export RUN_OR_CHECKPOINT_OR_URL --out DIR [--weights ema|model]``: the tokenizer, out.
+"""``python -m resilient_train.export SOURCE --out DIR [--weights ema|model] [--dtype D]``: the tokenizer, out.
 
-DIR is self-contained and needs only ``magvit2-pytorch`` (and safetensors) to use:
+SOURCE is a run, a checkpoint or a store URL. DIR is self-contained and needs only ``magvit2-pytorch``
+(and safetensors) to use:
 
 * ``tokenizer.safetensors``: the generator's weights (the EMA weights by default), no discriminator;
+  float32 by default, or rounded to bfloat16 / float16 with ``--dtype`` (half the bytes; loading
+  casts them back into the float32 model, so the same lines load either);
 * ``config.json``: ``kwargs``, exactly the ``magvit2_pytorch.VideoTokenizer`` constructor arguments, with
   what the saved training config cannot pass as is already converted (``discr`` -> ``discr_kwargs``,
   ``use_fsq=true``, ``flash_attn=false``, ``perceptual_loss_weight=0`` so nothing downloads VGG16,
@@ -39,6 +42,8 @@ from ..fsio import fsync_dir, write_durable
 __all__ = ["export_tokenizer", "load_tokenizer", "read_config", "tokenizer_kwargs", "main", "FORMAT"]
 
 FORMAT = "resilient-train-tokenizer/1"
+#: ``--dtype``'s choices: the dtype the floating-point weights are stored in.
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CONFIG = "config.json"
 WEIGHTS = "tokenizer.safetensors"
 
@@ -101,12 +106,17 @@ def _checkpoint_of(source: Path) -> Path:
     return found[-1]
 
 
-def export_tokenizer(source: str | os.PathLike, out: str | os.PathLike, weights: str = "ema") -> Path:
-    """Write the tokenizer of ``source`` (a checkpoint, or a run directory: its newest checkpoint) to ``out``."""
+def export_tokenizer(
+    source: str | os.PathLike, out: str | os.PathLike, weights: str = "ema", dtype: str = "float32"
+) -> Path:
+    """Write the tokenizer of ``source`` (a checkpoint, or a run directory: its newest checkpoint) to ``out``,
+    its floating-point weights in ``dtype`` (:data:`DTYPES`)."""
     from magvit2_pytorch import VideoTokenizer
     from safetensors.torch import save_file
 
     source, out = Path(source), Path(out)
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {list(DTYPES)}, got {dtype!r}")
     if out.exists():
         raise FileExistsError(f"--out {out} exists; choose a new folder (an export is never written over)")
     ckpt = _checkpoint_of(source)
@@ -130,6 +140,10 @@ def export_tokenizer(source: str | os.PathLike, out: str | os.PathLike, weights:
     else:
         raise ValueError(f"--weights must be ema or model, got {weights!r}")
     generator.load_state_dict(tensors, strict=True)  # the folder must load, strictly, into what its kwargs build
+    tensors = {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in tensors.items()}
+    lost = [k for k, v in tensors.items() if v.is_floating_point() and not v.isfinite().all()]
+    if lost:  # float16 tops out at 65504: a weight beyond it would be stored as inf
+        raise ValueError(f"--dtype {dtype}: {lost[:3]} do not fit (non-finite after the cast); use bf16 or float32")
     manifest_hash = xxhash.xxh3_128((ckpt / MANIFEST).read_bytes()).hexdigest()
     config = {
         "format": FORMAT,
@@ -141,6 +155,7 @@ def export_tokenizer(source: str | os.PathLike, out: str | os.PathLike, weights:
         },
         "video_contains_first_frame": bool(mcfg.video_contains_first_frame),
         "weights": weights,
+        "dtype": dtype,
         "source": {"checkpoint": str(ckpt.resolve()), "step": loaded.step, "manifest_xxh3_128": manifest_hash},
         "best": read_best(ckpt.parent),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -166,7 +181,7 @@ def export_tokenizer(source: str | os.PathLike, out: str | os.PathLike, weights:
 def _readme(config: dict[str, Any], out: Path) -> str:
     c, src = config["clip"], config["source"]
     return (
-        f"# MAGVIT-v2 FSQ video tokenizer ({config['weights']} weights)\n\n"
+        f"# MAGVIT-v2 FSQ video tokenizer ({config['weights']} weights, stored as {config['dtype']})\n\n"
         f"Exported by resilient-train from `{src['checkpoint']}` (step {src['step']}, manifest XXH3-128 "
         f"`{src['manifest_xxh3_128']}`).\n\n"
         f"Clips: {c['num_frames']} frames of {c['image_size']}x{c['image_size']}, {c['channels']} channels, "
@@ -185,15 +200,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--out", type=Path, required=True, help="the folder to create")
     p.add_argument("--weights", choices=["ema", "model"], default="ema", help="EMA weights (default) or the raw model")
+    p.add_argument(
+        "--dtype", choices=list(DTYPES), default="float32", help="how the weights are stored (half: bf16, fp16)"
+    )
     args = p.parse_args(argv)
     try:
         if is_remote_url(args.source):
             with fetched(args.source, newest_only=True) as items:
                 if not items:
                     raise FileNotFoundError(f"{args.source}: no committed checkpoint on the store")
-                out = export_tokenizer(items[-1].path, args.out, args.weights)
+                out = export_tokenizer(items[-1].path, args.out, args.weights, args.dtype)
         else:
-            out = export_tokenizer(Path(args.source), args.out, args.weights)
+            out = export_tokenizer(Path(args.source), args.out, args.weights, args.dtype)
     except (FileNotFoundError, FileExistsError, CheckpointError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

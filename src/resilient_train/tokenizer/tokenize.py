@@ -12,8 +12,9 @@ video under OUT, named after its path (``a/b.mp4`` -> ``a__b.mp4.safetensors``):
 
 The first-frame flag is passed explicitly (upstream ``tokenize()`` always assumes a leading first
 frame): a clip of ``n`` frames is encoded when ``n - int(video_contains_first_frame)`` divides by the
-tokenizer's temporal compression. ``--reconstruct`` also writes ``<name>.recon.mp4``: each clip's
-input above its reconstruction.
+tokenizer's temporal compression. ``--precision`` (``32``, ``bf16-mixed``, ``16-mixed``) runs the
+encoder and decoder under autocast, as in training (:mod:`.autocast`). ``--reconstruct`` also
+writes ``<name>.recon.mp4``: each clip's input above its reconstruction.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+
+from .autocast import PRECISIONS
 
 __all__ = ["main", "tokenize_videos"]
 
@@ -38,6 +41,7 @@ def tokenize_videos(
     clip_stride: int = 0,
     batch_size: int = 4,
     device: str = "cpu",
+    precision: str = "32",
     reconstruct: bool = False,
     progress: bool = True,
 ) -> list[Path]:
@@ -48,9 +52,11 @@ def tokenize_videos(
     from ..data.clips import Preprocessing
     from ..data.folder import clips_of
     from ..data.video import write_video
+    from .autocast import autocast, check_precision
     from .export import load_tokenizer, read_config
     from .model import time_downsample_factor
 
+    check_precision(precision, torch.device(device), "--precision")
     cfg = read_config(tokenizer_dir)
     vcff = bool(cfg["video_contains_first_frame"])
     n = int(num_frames or cfg["clip"]["num_frames"])
@@ -76,11 +82,11 @@ def tokenize_videos(
         codes, pairs = [], []
         for b in range(0, len(ks), batch_size):
             video = torch.stack([clips[k] for k in ks[b : b + batch_size]]).to(device)
-            with torch.no_grad():
+            with torch.no_grad(), autocast(precision, video.device):
                 quantized, c = model.encode(video, quantize=True, video_contains_first_frame=vcff)
                 codes.append(c.to(torch.int32).cpu())
                 if reconstruct:
-                    recon = model.decode(quantized, video_contains_first_frame=vcff).clamp(0, 1).cpu()
+                    recon = model.decode(quantized, video_contains_first_frame=vcff).float().clamp(0, 1).cpu()
                     pairs.append(torch.cat([video.cpu(), recon], dim=3))  # input above reconstruction
             bar.update(len(ks[b : b + batch_size]))
         name = f.rel.replace("/", "__")
@@ -116,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clip-stride", type=int, default=0, help="a clip every N frames (default: end to end)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--precision", choices=list(PRECISIONS), default="32", help="autocast, as trainer.precision")
     p.add_argument("--reconstruct", action="store_true", help="also write <name>.recon.mp4 (input above output)")
     args = p.parse_args(argv)
     try:
@@ -127,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             clip_stride=args.clip_stride,
             batch_size=args.batch_size,
             device=args.device,
+            precision=args.precision,
             reconstruct=args.reconstruct,
         )
     except (FileNotFoundError, ValueError) as exc:

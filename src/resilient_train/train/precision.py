@@ -12,9 +12,10 @@
   each skipped because of inf/NaN gradients are the ``scaler`` part of every checkpoint, restored
   exactly: a resume that started the scaler afresh would train differently for hundreds of steps.
 
-Invariants: :class:`Precision` is the only place that knows the dtype; with ``32`` every method is a
-no-op, so the float32 bits are what they were before this module existed. A precision the device
-cannot run is refused by :func:`check_precision` before the model is built.
+Invariants: the dtypes and the autocast context are :mod:`..tokenizer.autocast`'s (the tools run in
+the same precisions); with ``32`` every method is a no-op, so the float32 bits are what they were
+before this module existed. A precision the device cannot run is refused by :func:`check_precision`
+before the model is built.
 """
 
 from __future__ import annotations
@@ -26,32 +27,12 @@ from typing import Any
 
 import torch
 
+from ..tokenizer.autocast import PRECISIONS, autocast, check_precision
+
 __all__ = ["PRECISIONS", "Precision", "check_precision", "fresh_parts", "scaler_problem"]
 
-#: ``trainer.precision``'s choices and the autocast dtype of each (None: no autocast).
-PRECISIONS: dict[str, torch.dtype | None] = {"32": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 #: The optimizers that have a scaler in ``16-mixed``.
 SCALED = ("gen", "discr")
-
-
-def check_precision(precision: str, device: torch.device) -> None:
-    """Raise ``ValueError`` (exit 2) when ``device`` cannot run ``precision``, saying why."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"trainer.precision={precision!r}: must be one of {list(PRECISIONS)}")
-    dtype = PRECISIONS[precision]
-    if dtype is None:
-        return
-    if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
-        raise ValueError(
-            f"trainer.precision=bf16-mixed: {torch.cuda.get_device_name(device)} has no bfloat16 support; "
-            "use trainer.precision=16-mixed or 32"
-        )
-    try:  # what autocast on this device does with this dtype, tried once on a tiny matmul
-        a = torch.ones(2, 2, device=device)
-        with torch.autocast(device.type, dtype=dtype):
-            (a @ a).sum().item()
-    except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"trainer.precision={precision}: autocast to {dtype} fails on {device}: {exc}") from exc
 
 
 class Precision:
@@ -71,10 +52,7 @@ class Precision:
 
     @contextlib.contextmanager
     def autocast(self) -> Iterator[None]:
-        if self.dtype is None:
-            yield
-            return
-        with torch.autocast(self.device.type, dtype=self.dtype):
+        with autocast(self.name, self.device):
             yield
 
     def backward(self, loss: torch.Tensor, which: str) -> None:
