@@ -37,6 +37,11 @@ job's (``Trainer.state_dict()`` after one optimizer step, so AdamW moments exist
   download_verify_vs_raw_get  remote_checkpoints + remote.download + load_checkpoint into a fresh folder /
                            obstore.get of the same objects into files, fsync each (the floor, the same way)
   stall_remote_vs_local    wall time of Trainer.fit (magvit64) checkpointing every 3 steps, uploader on / off
+  precision_<p>_<eager|compiled>_vs_32
+                           steps/s of Trainer.fit (magvit64) in trainer.precision=32|bf16-mixed|16-mixed,
+                           compile off and on / in float32 without compile; beside it the kernel ratio
+                           (a residual block's convolution alone in that precision / in float32: what the
+                           processor's arithmetic gives) and the peak RSS of a process in that precision
   recovery_remote_vs_local a lost node: process start -> first new step resuming from the store in an empty
                            run directory / resuming from the same checkpoint on the local disk (reported)
 
@@ -47,6 +52,7 @@ with the ratios, the absolute seconds and bytes behind each, every sample, and t
 ``python -m benchmarks`` runs it (:mod:`benchmarks.run`: ``--quick``, ``--out``, ``--only``). One module a
 measurement: ``save_load`` (save_*, load_*), ``hash_throughput`` (GB/s of each hash, no ratio),
 ``async_stall``, ``loop`` (loop_vs_bare_*, save_every_step_vs_never_*), ``remote`` (the object store's four rows),
+``precision`` (precision_*),
 ``resume``, ``folder``, ``ranks``;
 beside them ``timing`` (how everything is timed), ``report`` (targets, table, JSON) and ``jobs`` (what they
 run). ``python -m benchmarks.gpu`` is the GPU bench of ``scripts/gpu_check.sh``.

@@ -9,9 +9,11 @@
                bench_loop), at batch 32: what the loop's bookkeeping costs on the GPU
   save         Trainer.save_checkpoint sync and async on the GPU state (``benchmarks.async_stall``'s
                bench_async), with the floor: one copy of the state's tensors into page-locked host memory
+  precision    (``--section precision``) ``benchmarks.precision`` at batch 8: steps/s in 32, bf16-mixed and
+               16-mixed, compile off and on, against float32 eager; the kernel ratio; peak step memory
 
 ``python -m benchmarks.gpu --out DIR [--device cuda]``; ``--device cpu --quick`` rehearses the whole script on
-a machine without a GPU (tiny sizes). Writes ``OUT/gpu_bench.json`` and prints a table.
+a machine without a GPU (tiny sizes). Writes ``OUT/gpu_bench.json`` (``OUT/gpu_precision.json``) and prints a table.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from benchmarks.async_stall import bench_async  # noqa: E402
 from benchmarks.jobs import LOOP_OVERRIDES  # noqa: E402
 from benchmarks.loop import bench_loop  # noqa: E402
+from benchmarks.precision import KERNEL_SHAPE, bench_precision, print_rows  # noqa: E402
 from benchmarks.timing import say  # noqa: E402
 from resilient_train.config import compose  # noqa: E402
 from resilient_train.train.trainer import Trainer  # noqa: E402
@@ -162,11 +165,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--quick", action="store_true", help="tiny sizes, few steps: rehearse the script")
+    ap.add_argument("--section", choices=["main", "precision"], default="main", help="main: throughput, loop, save")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     experiment = "tiny" if args.quick else "magvit64"
+    if args.section == "precision":
+        return precision_section(out, args.device, experiment, args.quick)
     batches = (1, 2) if args.quick else (1, 8, 32)
     steps = 3 if args.quick else 8
     report: dict[str, Any] = {"experiment": experiment, "torch": torch.__version__, "cuda": torch.version.cuda}
@@ -192,6 +198,21 @@ def main(argv: list[str] | None = None) -> int:
     report["save"] = next(iter(bench_async(trainer, work / "async", 2 if args.quick else 5).values())).entry
     (out / "gpu_bench.json").write_text(json.dumps(report, indent=1) + "\n")
     print_table(report)
+    return 0
+
+
+def precision_section(out: Path, device: str, experiment: str, quick: bool) -> int:
+    """``benchmarks.precision`` on ``device`` at batch 8 (2 with ``--quick``): ``OUT/gpu_precision.json``, a table."""
+    batch = 2 if quick else 8
+    work = Path(tempfile.mkdtemp(prefix=".gpu-precision-", dir=out))
+    over = (f"data.batch_size={batch}", f"data.val_size={max(batch, 8)}")
+    rows = bench_precision(work, experiment, device=device, n=3 if quick else 6, rounds=1 if quick else 2,
+                           budget_s=120, overrides=over, kernel_reps=3 if quick else 7,
+                           kernel_shape=(1, 32, 4, 16, 16) if quick else KERNEL_SHAPE)  # fmt: skip
+    report = {name: {**r.entry, "ratio": r.ratio} for name, r in rows.items()}
+    (out / "gpu_precision.json").write_text(json.dumps({"batch": batch, "rows": report}, indent=1) + "\n")
+    print(f"\n{experiment} on {device}, batch {batch}: precision x compile against float32 eager")
+    print_rows(rows)
     return 0
 
 

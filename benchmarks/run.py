@@ -23,6 +23,7 @@ from benchmarks.folder import bench_folder  # noqa: E402
 from benchmarks.hash_throughput import bench_hash  # noqa: E402
 from benchmarks.jobs import LOOP_OVERRIDES  # noqa: E402
 from benchmarks.loop import bench_loop, bench_save_often  # noqa: E402
+from benchmarks.precision import bench_precision  # noqa: E402
 from benchmarks.ranks import bench_ranks  # noqa: E402
 from benchmarks.remote import bench_remote  # noqa: E402
 from benchmarks.report import Result, build_report, machine_info, write_report  # noqa: E402
@@ -71,6 +72,9 @@ def run_sections(s: Sections, work: Path, q: bool, reps: int) -> None:
     title = "object store (moto's S3 server on 127.0.0.1) vs plain obstore and the local disk"
     s.run("remote", title, bench_remote, trainer, work / "remote", reps, q)
     del trainer
+    title = "precision x compile: magvit64 steps/s against float32 eager, the kernel ratio, peak memory"
+    rounds = dict(n=2 if q else 4, rounds=1 if q else 3, budget_s=400, kernel_reps=3 if q else 7)
+    s.run("precision", title, bench_precision, work / "precision", "magvit64", **rounds)
     if s.want("tiny") or s.want("often"):
         tiny = Trainer(compose(["+experiment=tiny", *LOOP_OVERRIDES]), work / "tiny")
         loop = dict(n=10 if q else 20, pairs=2 if q else 6, budget_s=90)
@@ -94,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--only",
         default="",
-        help="sections: save,hash,async,loop64,often64,remote,tiny,often,folder,resume,ranks (dev aid)",
+        help="sections: save,hash,async,loop64,often64,remote,precision,tiny,often,folder,resume,ranks (dev aid)",
     )
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)

@@ -22,6 +22,8 @@
 #   shared.*          the proof under torchrun --nproc-per-node 2 with trainer.device=cuda:0: both ranks on one
 #                     GPU, gradients over gloo (NCCL refuses two ranks on one device)
 #   nccl.*            the proof under torchrun --nproc-per-node 2 with trainer.device=cuda (needs 2 GPUs)
+#   precision         python -m benchmarks.gpu --section precision: magvit64 steps/s in 32, bf16-mixed and
+#                     16-mixed, compile off and on, against float32 eager, at batch 8 (last: what budget is left)
 # Prints one PASS/FAIL/SKIP line per check and the bench table, writes $OUT/gpu_check.json; exits 1 if any
 # check failed, 2 if there is no CUDA device.
 set -euo pipefail
@@ -176,9 +178,20 @@ else
     record SKIP nccl "fewer than 2 GPUs"
 fi
 
+echo "== precision x compile on $ONE: steps/s against float32 eager"
+if ((DEADLINE - SECONDS < 90)); then
+    record SKIP precision "under 90 s of the ${BUDGET} s budget left"
+elif step precision 300 python -m benchmarks.gpu --section precision --device "$ONE" --out "$OUT/bench" "${quick[@]}"
+then
+    record PASS precision "$OUT/bench/gpu_precision.json"
+else
+    record FAIL precision "see $OUT/logs/precision.log"
+fi
+
 echo "== summary ($SECONDS s, output $OUT)"
 printf '%s\n' "${RESULTS[@]}"
 if [[ -f $OUT/logs/bench.log ]]; then sed -n '/ on .* (torch /,$p' "$OUT/logs/bench.log"; fi
+if [[ -f $OUT/logs/precision.log ]]; then sed -n '/precision x compile against/,$p' "$OUT/logs/precision.log"; fi
 printf '%s\n' "${JSON[@]}" | python -c '
 import json, sys
 checks = [json.loads(line) for line in sys.stdin if line.strip()]

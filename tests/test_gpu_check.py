@@ -27,6 +27,7 @@ def test_gpu_check_rehearsal_passes_every_check_on_the_cpu(tmp_path):
     status = {c["check"]: c["status"] for c in report["checks"]}
     expected = ["cuda.continuous", "cuda.split", "cuda.compare", "auto", "chaos", "bench"]
     expected += ["shared.continuous", "shared.split", "shared.compare"]
+    expected += ["precision"]
     assert status == {**dict.fromkeys(expected, "PASS"), "nccl": "SKIP"}, status
     assert {c["check"]: c["detail"] for c in report["checks"]}["cuda.compare"] == "identical"
     bench = json.loads((out / "bench" / "gpu_bench.json").read_text())
@@ -38,3 +39,12 @@ def test_gpu_check_rehearsal_passes_every_check_on_the_cpu(tmp_path):
     ]
     assert all(r["flops_per_step"] > 0 and r["clips_per_s"] > 0 for r in bench["throughput"])
     assert "loop vs bare step" in proc.stdout and "async stall" in proc.stdout
+    # Precision x compile: every setting either timed against float32 eager, or named as too slow to time.
+    rows = json.loads((out / "bench" / "gpu_precision.json").read_text())["rows"]
+    for p in ("bf16", "16"):
+        timed = {f"precision_{p}_eager_vs_32", f"precision_{p}_compiled_vs_32"}
+        assert timed <= rows.keys() or (
+            f"precision_{p}_not_timed" in rows and rows[f"precision_{p}_not_timed"]["kernel"] < 0.1
+        )
+    assert all(r["ratio"] > 0 and r["ours_steps_per_s"] > 0 for r in rows.values() if r["ratio"] is not None)
+    assert "precision_32_compiled_vs_32" in rows and "precision x compile" in proc.stdout

@@ -8,6 +8,7 @@ is caught.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -16,6 +17,7 @@ from conftest import REPO, run_train, train_env
 
 from resilient_train.checkpoint import committed, load_checkpoint, read_manifest
 from resilient_train.monitor import read_history
+from resilient_train.tokenizer.autocast import SLOW_KERNELS
 from resilient_train.train.precision import Precision, scaler_problem
 from resilient_train.verify import compare_checkpoints
 
@@ -31,7 +33,14 @@ def final(run):
 @pytest.mark.parametrize("precision", [pytest.param("bf16-mixed", marks=pytest.mark.slow), "16-mixed"])
 def test_a_stopped_and_resumed_run_equals_one_trained_straight_in_each_precision(tmp_path, precision):
     straight, split = tmp_path / "straight", tmp_path / "split"
-    run_train(straight, *FAST, f"trainer.precision={precision}", f"trainer.max_steps={STEPS}")
+    first = run_train(straight, *FAST, f"trainer.precision={precision}", f"trainer.max_steps={STEPS}")
+    # How fast this CPU's convolutions are in the precision is logged; slow ones (float16 without fp16 units) warned.
+    speed = re.search(
+        rf"precision\.(slow_kernels|kernels) trainer\.precision={precision} .*conv_speed=(\S+?):?\s",
+        first.stdout + first.stderr,
+    )
+    assert speed, first.stderr[-3000:]
+    assert (speed[1] == "slow_kernels") == (float(speed[2]) < SLOW_KERNELS), speed[0]
     run_train(split, *FAST, f"trainer.precision={precision}", "trainer.max_steps=8")
     run_train(split, "resume_from=auto", f"trainer.max_steps={STEPS}", experiment=None)
     assert compare_checkpoints(final(straight), final(split)) is None
@@ -109,6 +118,14 @@ def test_the_chaos_proof_holds_in_each_precision(tmp_path, precision):
     proc, report = _chaos(tmp_path, "--set", f"trainer.precision={precision}")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert report["identical"] and {"nan", "hang", "save_kill", "corrupt"} <= {e["kind"] for e in report["events"]}
+
+
+@pytest.mark.slow
+def test_the_chaos_proof_holds_in_16_mixed_with_two_ranks(tmp_path):
+    proc, report = _chaos(tmp_path, "--nproc", "2", "--set", "trainer.precision=16-mixed")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    kinds = {e["kind"] for e in report["events"]}
+    assert report["identical"] and {"nan", "save_kill", "external_stop"} <= kinds, kinds
 
 
 @pytest.mark.slow

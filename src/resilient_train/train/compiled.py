@@ -59,9 +59,11 @@ def check_compile(device: torch.device) -> None:
 
 
 def compile_generator(model: torch.nn.Module) -> torch.nn.Module:
-    """Compile ``model``'s encoder and decoder layers in place; ``model`` itself (its keys unchanged)."""
+    """Compile ``model``'s encoder and decoder layers in place (once: a layer already compiled is left as it is);
+    ``model`` itself, its keys unchanged."""
     layers = [layer for name in COMPILED_LAYERS for layer in getattr(model, name)]
     for layer in layers:
-        layer.compile(dynamic=False)
+        if getattr(layer, "_compiled_call_impl", None) is None:
+            layer.compile(dynamic=False)
     log.info("train.compile layers=%d of=%s dynamic=false", len(layers), ",".join(COMPILED_LAYERS))
     return model
