@@ -86,7 +86,8 @@ def short_error(exc: BaseException) -> str:
 
 
 def probe(path: str) -> tuple[int, float, int, int, tuple[int, ...]]:
-    """``(frames, fps, width, height, pts)`` of the first video stream, from its packets (nothing is decoded)."""
+    """``(frames, fps, width, height, pts)`` of the first video stream, from its packets; the first frame is decoded
+    (a file with no decodable frame is unreadable, not short)."""
     import av
 
     with av.open(path) as container:
@@ -107,7 +108,22 @@ def probe(path: str) -> tuple[int, float, int, int, tuple[int, ...]]:
         raise VideoReadError("the file contains no frames")
     if len(set(pts)) != len(pts):
         raise VideoReadError("frames with equal timestamps")
+    _first_frame(path)
     return len(pts), float(rate) if rate else 0.0, int(width), int(height), tuple(sorted(pts))
+
+
+def _first_frame(path: str) -> None:
+    """Decode the first frame: a container whose packets are garbage (a GIF header and noise) would otherwise pass
+    the probe as a short video."""
+    import av
+
+    try:
+        with av.open(path) as container:
+            next(container.decode(container.streams.video[0]))
+    except StopIteration:
+        raise VideoReadError("no decodable frame (the packets decode to nothing)") from None
+    except Exception as exc:  # PyAV's errors: the codec refused the data
+        raise VideoReadError(f"no decodable frame: {short_error(exc)}") from None
 
 
 def _frame_array(frame: Any, channels: int) -> np.ndarray:
