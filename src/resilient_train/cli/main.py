@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import warnings
 from pathlib import Path
 
 import hydra
@@ -14,8 +13,10 @@ from omegaconf import DictConfig
 
 from ..checkpoint.manager import SaveError
 from ..config import CONFIG_DIR, register_configs
+from ..data.video import VideoReadError
 from ..dist import from_env
 from ..resume.lock import PendingLog, RunLock
+from ..tokenizer.model import quiet_library_warnings
 from ..train.device import DeviceError, resolve_device, shares_gpu
 from ..train.faults import EXIT_DIVERGED, DivergedError
 from ..train.watchdog import collective_timeout
@@ -82,6 +83,11 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str], log_name: str = "t
             log.error("train.diverged exit=%d: %s", EXIT_DIVERGED, exc)
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_DIVERGED
+        except VideoReadError as exc:  # a data file went bad mid-run: the file and the way out, no traceback
+            why = str(exc).strip().splitlines()[-1].removeprefix(f"{VideoReadError.__module__}.VideoReadError: ")
+            log.error("train.failed data: %s", why)  # a loader worker's error carries its traceback as text
+            print(f"error: {why}", file=sys.stderr)
+            return EXIT_FAILED
         except Exception as exc:  # a failed save says all there is to say; anything else gets its traceback
             log.error("train.failed %s: %s", type(exc).__name__, exc, exc_info=not isinstance(exc, SaveError))
             print(f"error: {exc}", file=sys.stderr)
@@ -105,9 +111,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    # magvit2-pytorch and its dependencies emit deprecation warnings from torch on import; they are
-    # not the user's to act on.
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(torch|magvit2_pytorch|vector_quantize)")
+    quiet_library_warnings()
     sys.argv = [sys.argv[0], *prepare_argv(sys.argv[1:])]
     try:
         _hydra_main()
