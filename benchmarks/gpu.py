@@ -206,9 +206,17 @@ def precision_section(out: Path, device: str, experiment: str, quick: bool) -> i
     batch = 2 if quick else 8
     work = Path(tempfile.mkdtemp(prefix=".gpu-precision-", dir=out))
     over = (f"data.batch_size={batch}", f"data.val_size={max(batch, 8)}")
-    rows = bench_precision(work, experiment, device=device, n=3 if quick else 6, rounds=1 if quick else 2,
-                           budget_s=120, overrides=over, kernel_reps=3 if quick else 7,
-                           kernel_shape=(1, 32, 4, 16, 16) if quick else KERNEL_SHAPE)  # fmt: skip
+    rows = bench_precision(
+        work,
+        experiment,
+        device=device,
+        n=3 if quick else 6,
+        rounds=1 if quick else 2,
+        budget_s=120,
+        overrides=over,
+        kernel_reps=3 if quick else 7,
+        kernel_shape=(1, 32, 4, 16, 16) if quick else KERNEL_SHAPE,
+    )
     report = {name: {**r.entry, "ratio": r.ratio} for name, r in rows.items()}
     (out / "gpu_precision.json").write_text(json.dumps({"batch": batch, "rows": report}, indent=1) + "\n")
     print(f"\n{experiment} on {device}, batch {batch}: precision x compile against float32 eager")

@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
                 results = [
                     verify_checkpoint(c, check_model=not args.no_model) for c in checkpoints_under(Path(args.path))
                 ]
-    except StoreError as exc:
+    except (StoreError, ValueError) as exc:  # ValueError: not a checkpoint (a temporary folder)
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if not results:

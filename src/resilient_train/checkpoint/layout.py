@@ -92,14 +92,25 @@ def committed(root: str | os.PathLike) -> list[Path]:
 
 
 def is_checkpoint_dir(path: str | os.PathLike) -> bool:
-    """Whether ``path`` names one checkpoint (rather than a run directory or a ``checkpoints`` folder)."""
+    """Whether ``path`` names one checkpoint (rather than a run directory or a ``checkpoints`` folder); never a
+    temporary or set-aside folder (``.tmp-*``, ``.trash-*``), even one that holds a manifest."""
     path = Path(path)
+    if path.name.startswith((TMP_PREFIX, TRASH_PREFIX)):
+        return False
     return (path / MANIFEST).exists() or path.name.startswith("step_")
 
 
 def checkpoints_under(path: str | os.PathLike) -> list[Path]:
-    """``[path]`` for a checkpoint; every committed checkpoint for a run directory or its ``checkpoints``."""
+    """``[path]`` for a checkpoint; every committed checkpoint for a run directory or its ``checkpoints``.
+
+    A temporary folder of an interrupted save (``.tmp-*``) or delete (``.trash-*``) is refused with ``ValueError``:
+    no reader trusts it."""
     path = Path(path)
+    if path.name.startswith((TMP_PREFIX, TRASH_PREFIX)):
+        raise ValueError(
+            f"{path}: an uncommitted temporary folder left by an interrupted save or delete, not a checkpoint; "
+            f"pass the run directory ({path.parent.parent}) or a committed step_* folder"
+        )
     if is_checkpoint_dir(path):
         return [path]
     root = path / CHECKPOINTS_DIR if (path / CHECKPOINTS_DIR).is_dir() else path

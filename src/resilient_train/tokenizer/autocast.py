@@ -51,8 +51,13 @@ def check_precision(precision: str, device: torch.device, name: str = "trainer.p
         log.warning(
             "precision.slow_kernels %s=%s device=%s conv_speed=%.3g: its convolutions run %.0fx slower than float32 "
             "here (no fast %s kernels), and a step will be slower; 32 or bf16-mixed may be faster",
-            name, precision, device.type, speed, 1 / speed, dtype,
-        )  # fmt: skip
+            name,
+            precision,
+            device.type,
+            speed,
+            1 / speed,
+            dtype,
+        )
     else:
         log.info("precision.kernels %s=%s device=%s conv_speed=%.3g", name, precision, device.type, speed)
 

@@ -56,6 +56,9 @@ def evaluate_tokenizer(
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .model import quiet_library_warnings
+
+    quiet_library_warnings()
     p = argparse.ArgumentParser(prog="python -m resilient_train.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--tokenizer", type=Path, required=True, help="a folder written by resilient_train.export")
     p.add_argument("--data", type=Path, nargs="+", required=True, help="video files or folders")
@@ -74,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             device=args.device,
             precision=args.precision,
         )
-    except (FileNotFoundError, ValueError) as exc:
+    except (OSError, ValueError) as exc:  # a missing or unusable input or tokenizer
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.json:

@@ -6,10 +6,11 @@ SOURCE is a run, a checkpoint or a store URL. DIR is self-contained and needs on
 * ``tokenizer.safetensors``: the generator's weights (the EMA weights by default), no discriminator;
   float32 by default, or rounded to bfloat16 / float16 with ``--dtype`` (half the bytes; loading
   casts them back into the float32 model, so the same lines load either);
-* ``config.json``: ``kwargs``, exactly the ``magvit2_pytorch.VideoTokenizer`` constructor arguments, with
-  what the saved training config cannot pass as is already converted (``discr`` -> ``discr_kwargs``,
-  ``use_fsq=true``, ``flash_attn=false``, ``perceptual_loss_weight=0`` so nothing downloads VGG16,
-  an infinite ``max_dim`` left to the library's default); ``clip`` (frames, size, channels);
+* ``config.json``: the XXH3-128 of ``tokenizer.safetensors`` (``weights_xxh3_128``: :func:`load_tokenizer`
+  refuses weights that do not match it), ``kwargs``, exactly the ``magvit2_pytorch.VideoTokenizer``
+  constructor arguments, with what the saved training config cannot pass as is already converted
+  (``discr`` -> ``discr_kwargs``, ``use_fsq=true``, ``flash_attn=false``, ``perceptual_loss_weight=0``
+  so nothing downloads VGG16, an infinite ``max_dim`` left to the library's default); ``clip`` (frames, size, channels);
   ``video_contains_first_frame``; and the source checkpoint (path, step, XXH3-128 of its manifest);
 * ``README.md``: how to load it with magvit2-pytorch alone.
 
@@ -38,6 +39,7 @@ from ..checkpoint.fetch import fetched
 from ..checkpoint.layout import MANIFEST, checkpoints_under, read_best
 from ..checkpoint.store import is_remote_url
 from ..fsio import fsync_dir, write_durable
+from .folder_checks import MAX_CONFIG_BYTES, check_config, check_weights, read_weights
 
 __all__ = ["export_tokenizer", "load_tokenizer", "read_config", "tokenizer_kwargs", "main", "FORMAT"]
 
@@ -78,24 +80,34 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
     """The ``config.json`` of an exported tokenizer folder (its format checked)."""
     path = Path(path)
     try:
-        cfg = json.loads((path / CONFIG).read_text())
+        size = (path / CONFIG).stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise ValueError(f"{path / CONFIG}: {size} bytes, more than a tokenizer config holds ({MAX_CONFIG_BYTES})")
+        cfg = json.loads((path / CONFIG).read_bytes())
     except FileNotFoundError:
         raise FileNotFoundError(
             f"{path / CONFIG}: not an exported tokenizer (python -m resilient_train.export)"
         ) from None
-    if cfg.get("format") != FORMAT:
-        raise ValueError(f"{path / CONFIG}: format {cfg.get('format')!r}, this code reads {FORMAT!r}")
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise ValueError(f"{path / CONFIG}: not valid JSON ({type(exc).__name__}: {str(exc)[:120]})") from None
+    check_config(cfg, path / CONFIG, FORMAT)
     return cfg
 
 
 def load_tokenizer(path: str | os.PathLike, device: str | torch.device = "cpu") -> torch.nn.Module:
     """An exported tokenizer, in eval mode, weights loaded strictly."""
     from magvit2_pytorch import VideoTokenizer
-    from safetensors.torch import load_file
 
     path = Path(path)
-    model = VideoTokenizer(**_constructor_kwargs(read_config(path)["kwargs"])).copy_for_eval()
-    model.load_state_dict(load_file(path / WEIGHTS), strict=True)
+    cfg = read_config(path)
+    kwargs = _constructor_kwargs(cfg["kwargs"])
+    weights = read_weights(path / WEIGHTS, cfg.get("weights_xxh3_128"))
+    try:
+        model = VideoTokenizer(**kwargs).copy_for_eval()
+    except Exception as exc:  # beartype's and the constructor's own refusals of a combination the checks allow
+        raise ValueError(f"{path / CONFIG}: VideoTokenizer refuses these kwargs: {str(exc)[:300]}") from None
+    check_weights(model, weights, path / WEIGHTS)
+    model.load_state_dict(weights, strict=True)
     return model.to(device).eval()
 
 
@@ -167,6 +179,7 @@ def export_tokenizer(
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS))
         with open(tmp / WEIGHTS, "rb+") as f:
             os.fsync(f.fileno())
+        config["weights_xxh3_128"] = xxhash.xxh3_128((tmp / WEIGHTS).read_bytes()).hexdigest()  # load checks it
         write_durable(tmp / CONFIG, (json.dumps(config, indent=1) + "\n").encode())
         write_durable(tmp / "README.md", _readme(config, out).encode())
         fsync_dir(tmp)
@@ -194,6 +207,9 @@ def _readme(config: dict[str, Any], out: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .model import quiet_library_warnings
+
+    quiet_library_warnings()
     p = argparse.ArgumentParser(prog="python -m resilient_train.export", description=__doc__.split("\n\n")[0])
     p.add_argument(
         "source", help="a checkpoint directory, a run directory (its newest checkpoint), or a store URL (s3://...)"

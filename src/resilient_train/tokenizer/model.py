@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +18,15 @@ import torch
 
 from ..config import layer_specs, time_downsample_factor, to_plain
 
-__all__ = ["build_model", "eval_copy", "model_kwargs", "time_downsample_factor"]
+__all__ = ["build_model", "eval_copy", "model_kwargs", "quiet_library_warnings", "time_downsample_factor"]
 
 log = logging.getLogger(__name__)
+
+
+def quiet_library_warnings() -> None:
+    """Silence the deprecation warnings magvit2-pytorch and its dependencies raise from torch on import: they are
+    not the user's to act on (the command-line entry points call this first)."""
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(torch|magvit2_pytorch|vector_quantize)")
 
 
 def model_kwargs(model_cfg: Any) -> dict[str, Any]:

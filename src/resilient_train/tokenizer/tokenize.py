@@ -1,6 +1,7 @@
 """``python -m resilient_train.tokenize --tokenizer DIR INPUT... --out OUT [--reconstruct]``: videos in, codes out.
 
-INPUT: video files or folders (searched recursively). Clips are cut and preprocessed exactly as in
+INPUT: video files or folders (searched recursively); OUT must be new or empty, and each output file
+appears whole or not at all (written under a temporary name, then renamed). Clips are cut and preprocessed exactly as in
 training (:mod:`.video`: whole videos, ``--clip-stride``, resize and centre crop), encoded in
 batches with the exported tokenizer (:mod:`.export`), and written as one safetensors file per
 video under OUT, named after its path (``a/b.mp4`` -> ``a__b.mp4.safetensors``):
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -69,6 +71,10 @@ def tokenize_videos(
         )
     size, channels = int(cfg["clip"]["image_size"]), int(cfg["clip"]["channels"])
     prep = Preprocessing(n, 1, clip_stride or n, size, channels)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(
+            f"--out {out} exists and is not an empty folder; choose a new one (nothing is overwritten)"
+        )
     clips, _ = clips_of(inputs, prep)
     model = load_tokenizer(tokenizer_dir, device)
     out.mkdir(parents=True, exist_ok=True)
@@ -101,19 +107,25 @@ def tokenize_videos(
         }
         starts = torch.tensor([clips.clips[k][1] for k in ks], dtype=torch.int64)
         target = out / f"{name}.safetensors"
-        save_file({"codes": torch.cat(codes), "clip_starts": starts}, str(target), metadata=meta)
+        tmp = out / f".tmp-{target.name}"  # every output appears whole or not at all
+        save_file({"codes": torch.cat(codes), "clip_starts": starts}, str(tmp), metadata=meta)
+        os.replace(tmp, target)
         written.append(target)
         if reconstruct:
             frames = torch.cat(pairs).permute(0, 2, 3, 4, 1).reshape(-1, 2 * size, size, channels)
             frames = (frames * 255).round().to(torch.uint8).numpy()
             if channels == 1:
                 frames = frames.repeat(3, axis=3)
-            write_video(out / f"{name}.recon.mp4", frames, codec="libx264", fps=8)
+            write_video(out / f".tmp-{name}.recon.mp4", frames, codec="libx264", fps=8)
+            os.replace(out / f".tmp-{name}.recon.mp4", out / f"{name}.recon.mp4")
     bar.close()
     return written
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .model import quiet_library_warnings
+
+    quiet_library_warnings()
     p = argparse.ArgumentParser(prog="python -m resilient_train.tokenize", description=__doc__.split("\n\n")[0])
     p.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="video files or folders")
     p.add_argument("--tokenizer", type=Path, required=True, help="a folder written by resilient_train.export")
@@ -137,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             precision=args.precision,
             reconstruct=args.reconstruct,
         )
-    except (FileNotFoundError, ValueError) as exc:
+    except (OSError, ValueError) as exc:  # a missing or unusable input, tokenizer or output folder
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"{len(written)} file(s) written to {args.out}")
