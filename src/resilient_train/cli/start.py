@@ -17,7 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from ..checkpoint import CheckpointError
-from ..config import typed, validate_config
+from ..config import flatten, to_plain, typed, validate_config
 from ..data.loader import build_data
 from ..dist import Group
 from ..fsio import atomic_write
@@ -33,7 +33,7 @@ from ..train.precision import check_precision
 from ..train.trainer import Trainer
 from .argv import hydra_subdir
 
-__all__ = ["start", "REFUSALS"]
+__all__ = ["start", "same_config_everywhere", "REFUSALS"]
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,7 @@ def start(
     # Long on purpose: the transaction's steps in their order (plan, build, vote, accept, take over).
     g = group or Group()
     check_added_keys(overrides)
+    same_config_everywhere(cfg, g)
     plan, refused = None, None
     if g.is_main:
         try:
@@ -116,6 +117,27 @@ def start(
         device_name(trainer.device),
     )
     return trainer
+
+
+def same_config_everywhere(cfg: DictConfig, g: Group) -> None:
+    """With ranks: every rank composed the same config, or every rank refuses, naming the keys and the ranks
+    (a rank started with another override would train another model and corrupt the shared checkpoints)."""
+    if not g.distributed:
+        return
+    mine = flatten(to_plain(cfg))
+    differ = [
+        f"rank {r}: {k}: {mine.get(k, '<absent>')!r} on rank {g.rank}, {other.get(k, '<absent>')!r} there"
+        for r, other in enumerate(g.all_gather(mine))
+        for k in sorted(set(mine) | set(other))
+        if mine.get(k, "<absent>") != other.get(k, "<absent>")
+    ]
+    if differ:
+        raise StartupError(
+            "the ranks were started with different configs: "
+            + "; ".join(differ[:5])
+            + ("; ..." if len(differ) > 5 else "")
+            + ". Start every rank with the same command line and overrides"
+        )
 
 
 def _take_over(run_dir: Path, plan: ResumePlan, trainer: Trainer, cfg: DictConfig, overrides: list[str]) -> None:
