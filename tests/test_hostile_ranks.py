@@ -1,4 +1,5 @@
-"""Ranks that disagree: a rank started with another override is refused at start-up, on every rank, naming the key.
+"""Ranks that disagree: a rank started with another override is refused at start-up, on every rank, naming the key;
+a committed checkpoint whose rank-1 files are damaged is set aside and the resume from the one before is bit-identical.
 
 Real ``torchrun`` processes on gloo, one thread each; rank 1's extra override is added by the shell each
 worker runs in (``--no-python``), as a per-node launcher script would.
@@ -10,7 +11,11 @@ import re
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO, TRAIN, train_env
+
+from resilient_train.checkpoint import committed
+from resilient_train.verify import compare_checkpoints
 
 EXIT_TORCHRUN_CHILD_FAILED, EXIT_CONFIG_ERROR = 1, 2
 
@@ -39,3 +44,34 @@ def test_a_rank_started_with_another_override_is_refused_on_every_rank_naming_th
     assert set(said) <= {"rank 1: optimizer.lr: 0.001 on rank 0, 0.002", "rank 0: optimizer.lr: 0.002 on rank 1, 0.001"}
     assert said, out[-3000:]
     assert not run.exists() or not any(run.iterdir()), sorted(p.name for p in run.rglob("*"))
+
+
+@pytest.mark.slow
+def test_a_damaged_private_file_of_rank_1_sets_the_checkpoint_aside_and_the_resume_is_bit_identical(tmp_path):
+    def torchrun(run, *overrides):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--max-restarts=0"]
+        args = [str(TRAIN), "+experiment=tiny", f"hydra.run.dir={run}", "trainer.progress_bar=false"]
+        proc = subprocess.run(
+            [*cmd, *args, "trainer.num_threads=1", "checkpoint.every_n_steps=6", *overrides],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=REPO,
+            env=train_env(),
+        )
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+        return proc.stdout + proc.stderr
+
+    straight, damaged = tmp_path / "straight", tmp_path / "damaged"
+    torchrun(straight, "trainer.max_steps=14")
+    torchrun(damaged, "trainer.max_steps=12")
+    private = damaged / "checkpoints" / "step_00000012" / "ranks" / "1" / "state.safetensors"
+    raw = bytearray(private.read_bytes())
+    raw[-5] ^= 0x01  # one bit of rank 1's own state (its RNG, its data position): not a shared file
+    private.write_bytes(bytes(raw))
+    out = torchrun(damaged, "resume_from=auto", "trainer.max_steps=14")
+    assert "resume step=10" in out and "reason=corrupt" in out, out[-3000:]
+    assert [p.name for p in (damaged / "checkpoints").iterdir() if ".corrupt-" in p.name][0].startswith("step_00000012")
+    final = [committed(r / "checkpoints")[-1] for r in (straight, damaged)]
+    assert final[0].name == final[1].name == "step_00000014"
+    assert compare_checkpoints(*final) is None
