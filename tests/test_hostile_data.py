@@ -115,9 +115,7 @@ def test_tokenize_names_a_broken_video_and_writes_nothing(tmp_path, folder, trai
     assert not out.exists()
 
 
-@settings(max_examples=8, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
-@given(data=st.data())
-def test_fuzzed_damaged_files_among_good_ones_are_named_or_skipped_never_a_traceback(folder, data):
+def damaged_file_property(folder, data) -> None:
     """A good video cut short, one with garbage after a valid start, or pure garbage, among good ones: the index
     either refuses naming the file or (skip_bad_files) leaves it out, and every clip decodes or names its file."""
     victim = folder / "train" / "damaged.mkv"
@@ -136,3 +134,19 @@ def test_fuzzed_damaged_files_among_good_ones_are_named_or_skipped_never_a_trace
             assert train[k].shape == (3, 5, 16, 16)
         except VideoReadError as exc:
             assert str(victim) in str(exc), exc
+
+
+FUZZ = dict(deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+
+
+@settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", "8")), **FUZZ)
+@given(data=st.data())
+def test_fuzzed_damaged_files_among_good_ones_are_named_or_skipped_never_a_traceback(folder, data):
+    damaged_file_property(folder, data)
+
+
+@pytest.mark.slow
+@settings(max_examples=100, **FUZZ)
+@given(data=st.data())
+def test_fuzzed_damaged_files_many_examples(folder, data):
+    damaged_file_property(folder, data)

@@ -7,6 +7,7 @@ partial output. The folders are real exports of the shared tiny run, damaged her
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -178,20 +179,20 @@ def test_export_of_what_is_not_a_checkpoint_exits_2_naming_it(trained_run, tmp_p
     assert verify.returncode in (1, 2) and "Traceback" not in verify.stderr
 
 
-@settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
-@given(
-    key=st.sampled_from(["image_size", "init_dim", "channels", "layers", "fsq_levels", "num_codebooks", "attn_heads"]),
-    value=st.one_of(
-        st.none(),
-        st.booleans(),
-        st.integers(-(2**70), 2**70),
-        st.floats(),
-        st.text(max_size=5),
-        st.lists(st.integers(-3, 10**6), max_size=4),
-    ),
+KEYS = st.sampled_from(["image_size", "init_dim", "channels", "layers", "fsq_levels", "num_codebooks", "attn_heads"])
+VALUES = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.floats(),
+    st.text(max_size=5),
+    st.lists(st.integers(-3, 10**6), max_size=4),
 )
-def test_fuzzed_config_values_are_refused_by_name_or_load(exported_for_fuzz, key, value):
-    tok = exported_for_fuzz
+FUZZ = dict(deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+
+
+def config_property(tok: Path, key: str, value) -> None:
+    """A kwargs value of the wrong kind is refused naming config.json (or the weights that no longer fit), or loads."""
     shutil.copy(tok / "tokenizer.safetensors.orig", tok / "tokenizer.safetensors")
     cfg = json.loads((tok / "config.json.orig").read_text())
     cfg["kwargs"][key] = value
@@ -200,6 +201,19 @@ def test_fuzzed_config_values_are_refused_by_name_or_load(exported_for_fuzz, key
         resilient_train.load_tokenizer(tok)
     except (ValueError, FileNotFoundError) as exc:
         assert str(tok / "config.json") in str(exc) or str(tok / "tokenizer.safetensors") in str(exc), exc
+
+
+@settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", "25")), **FUZZ)
+@given(key=KEYS, value=VALUES)
+def test_fuzzed_config_values_are_refused_by_name_or_load(exported_for_fuzz, key, value):
+    config_property(exported_for_fuzz, key, value)
+
+
+@pytest.mark.slow
+@settings(max_examples=300, **FUZZ)
+@given(key=KEYS, value=VALUES)
+def test_fuzzed_config_values_many_examples(exported_for_fuzz, key, value):
+    config_property(exported_for_fuzz, key, value)
 
 
 @pytest.fixture(scope="module")
@@ -211,11 +225,8 @@ def exported_for_fuzz(exported, tmp_path_factory) -> Path:
     return tok
 
 
-@settings(max_examples=20, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
-@given(data=st.data())
-def test_fuzzed_weight_bytes_never_load(exported_for_fuzz, data):
+def weights_property(tok: Path, data) -> None:
     """Any change to tokenizer.safetensors (cut, flipped, grown) is refused naming it: never a silently other model."""
-    tok = exported_for_fuzz
     (tok / "config.json").write_bytes((tok / "config.json.orig").read_bytes())
     raw = bytearray((tok / "tokenizer.safetensors.orig").read_bytes())
     how = data.draw(st.sampled_from(["cut", "flip", "grow"]))
@@ -229,3 +240,16 @@ def test_fuzzed_weight_bytes_never_load(exported_for_fuzz, data):
     (tok / "tokenizer.safetensors").write_bytes(bytes(raw))
     with pytest.raises(ValueError, match="tokenizer.safetensors: its XXH3-128 is not the one config.json records"):
         resilient_train.load_tokenizer(tok)
+
+
+@settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", "20")), **FUZZ)
+@given(data=st.data())
+def test_fuzzed_weight_bytes_never_load(exported_for_fuzz, data):
+    weights_property(exported_for_fuzz, data)
+
+
+@pytest.mark.slow
+@settings(max_examples=300, **FUZZ)
+@given(data=st.data())
+def test_fuzzed_weight_bytes_many_examples(exported_for_fuzz, data):
+    weights_property(exported_for_fuzz, data)
