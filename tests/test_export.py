@@ -36,6 +36,22 @@ def video() -> torch.Tensor:
     return torch.rand(2, 3, 5, 16, 16, generator=torch.Generator().manual_seed(0))
 
 
+def encode_alone(out: Path, tmp_path: Path) -> torch.Tensor:
+    """The codes of :func:`video` from the folder ``out``, loaded by the README's lines in a process that never
+    imports resilient_train."""
+    torch.save(video(), tmp_path / "video.pt")
+    script = ALONE.format(snippet=LOAD_SNIPPET.format(dir=out))
+    alone = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "video.pt"), str(tmp_path / "codes.pt")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    return torch.load(tmp_path / "codes.pt")
+
+
 @pytest.fixture(scope="module")
 def exported(trained_run, tmp_path_factory) -> Path:
     """The EMA tokenizer of the shared tiny run, exported once (read-only for the tests)."""
@@ -57,18 +73,8 @@ def test_export_loads_with_magvit2_alone_and_gives_our_codes_bit_for_bit(trained
     assert cfg["video_contains_first_frame"] is True and cfg["weights"] == "ema"
 
     # magvit2-pytorch alone, in a process that never imports resilient_train, with the README's lines.
-    torch.save(video(), tmp_path / "video.pt")
-    script = ALONE.format(snippet=LOAD_SNIPPET.format(dir=out))
     assert LOAD_SNIPPET.format(dir=out) in (out / "README.md").read_text()
-    alone = subprocess.run(
-        [sys.executable, "-c", script, str(tmp_path / "video.pt"), str(tmp_path / "codes.pt")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=tmp_path,
-    )
-    assert alone.returncode == 0, alone.stderr[-3000:]
-    codes_alone = torch.load(tmp_path / "codes.pt")
+    codes_alone = encode_alone(out, tmp_path)
 
     # Our own encode: the checkpoint's EMA weights in the model the trainer builds.
     state = load_checkpoint(ckpt).state
@@ -181,21 +187,12 @@ def test_a_half_precision_export_halves_the_weights_and_loads_with_magvit2_alone
     assert json.loads((out / "config.json").read_text())["dtype"] == dtype
 
     # The README's lines, in a process that never imports resilient_train, give the codes of the rounded weights.
-    torch.save(video(), tmp_path / "video.pt")
-    script = ALONE.format(snippet=LOAD_SNIPPET.format(dir=out))
-    alone = subprocess.run(
-        [sys.executable, "-c", script, str(tmp_path / "video.pt"), str(tmp_path / "codes.pt")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=tmp_path,
-    )
-    assert alone.returncode == 0, alone.stderr[-3000:]
+    codes_alone = encode_alone(out, tmp_path)
     loaded = resilient_train.load_tokenizer(out)
     assert all(p.dtype == torch.float32 for p in loaded.parameters())
     with torch.no_grad():
         _, ours = loaded.encode(video(), quantize=True, video_contains_first_frame=True)
-    assert torch.equal(torch.load(tmp_path / "codes.pt"), ours)
+    assert torch.equal(codes_alone, ours)
 
     bad = export(trained_run, "--out", tmp_path / "x", "--dtype", "fp8")
     assert bad.returncode == 2 and "invalid choice: 'fp8'" in bad.stderr and "float32" in bad.stderr
