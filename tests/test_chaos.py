@@ -279,6 +279,7 @@ def test_node_loss_resumes_from_the_store(tmp_path, s3):
     assert proc.returncode == 0 and "identical" in proc.stdout, proc.stdout + proc.stderr
 
 
+@pytest.mark.slow  # 25-35 s; keeps the default suite under 15 minutes (node losses with a store stay in it)
 def test_without_a_store_a_node_loss_starts_over_and_the_proof_says_so(tmp_path):
     """The negative control: with no store the restart starts from step 0 and, being deterministic, ends
     bit-identical all the same; the proof must still fail, because the node loss was not resumed from a store."""

@@ -506,7 +506,7 @@ def test_dist_timeout_rule_accepts_equal_null_and_watchdog_off(caplog):
 # two ranks under torchrun
 
 
-@pytest.mark.slow  # the default suite has the same kinds with ranks in test_ranks' chaos proof
+@pytest.mark.slow  # with test_ranks' 2-rank chaos proof (also slow): every fault kind with ranks
 def test_two_ranks_survive_nan_failed_save_bitflip_and_hang_and_end_identical(ref2, tmp_path):
     run_dir = tmp_path / "run"
     # Rank 1 gets the nans (4: before any checkpoint, 15), the failed save (its own files) and the bit flip;

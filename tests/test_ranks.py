@@ -218,6 +218,7 @@ def _chaos(tmp_path: Path, *args: str, timeout: float = 600) -> tuple[subprocess
     return proc, report
 
 
+@pytest.mark.slow  # 60-80 s; the default suite keeps the 2-rank kill, SIGTERM and refusal tests (make chaos-test-ranks)
 def test_two_rank_proof_with_a_killed_rank_a_kill_inside_a_save_a_sigterm_and_every_fault_beyond_death(tmp_path):
     proc, report = _chaos(tmp_path, "--seed", "3")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
