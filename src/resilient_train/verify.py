@@ -33,8 +33,8 @@ from .checkpoint.compare import compare_checkpoints, compare_states
 from .checkpoint.fetch import fetched
 from .checkpoint.layout import checkpoints_under
 from .checkpoint.store import StoreError, is_remote_url
-from .config import to_plain
-from .resume.checks import check_checkpoint, saved_config
+from .config import saved_config, to_plain
+from .resume.checks import check_checkpoint
 
 __all__ = ["verify_checkpoint", "compare_checkpoints", "compare_states", "checkpoints_under", "main"]
 

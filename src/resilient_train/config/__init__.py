@@ -3,7 +3,7 @@
 Owns: the schema, one module per section with its dataclasses beside that section's validator
 (:mod:`.model`, :mod:`.data`, :mod:`.training` for ``optimizer`` and ``trainer``, :mod:`.checkpoint`
 for ``checkpoint`` and ``resume``, :mod:`.chaos`); the whole :class:`TrainConfig`, the resume-safe
-keys and compose/to_plain/typed/flatten/config_hash (:mod:`.schema`); the parsing of the model's
+keys and compose/to_plain/typed/flatten/config_hash/saved_config (:mod:`.schema`); the parsing of the model's
 layer specs (:mod:`.model`); and :func:`validate_config` (:mod:`.validate`), which checks what a
 type cannot express (ranges, FSQ levels, frame counts the model can take) and reports every
 problem in one ``ValueError``. :mod:`.values` holds what the validators share.
@@ -26,6 +26,7 @@ from .schema import (
     flatten,
     is_resume_safe,
     register_configs,
+    saved_config,
     typed,
 )
 from .training import DEVICE_SPEC, EMAConfig, OptimizerConfig, TrainerConfig
@@ -59,4 +60,5 @@ __all__ = [
     "MAX_CODEBOOK_SIZE",
     "flatten",
     "is_resume_safe",
+    "saved_config",
 ]

@@ -114,8 +114,21 @@ def typed(cfg: DictConfig | TrainConfig) -> TrainConfig:
 
 
 #: Keys that change the weights, added to the schema after checkpoints were written without them, with the value
-#: those runs had: a config holding that value hashes as one without the key, so old checkpoints keep their hash.
-LEGACY_VALUES: dict[str, Any] = {"trainer.precision": "32"}
+#: those runs had: a config holding that value hashes as one without the key, so old checkpoints keep their hash,
+#: and a checkpoint without the key resumes with that value (:func:`saved_config`), not the new default.
+LEGACY_VALUES: dict[str, Any] = {"trainer.precision": "32", "trainer.ema.warmup": False}
+
+
+def saved_config(cfg: dict[str, Any]) -> DictConfig:
+    """A checkpoint's config as a resume runs with it: the schema applied (keys added to the schema since the
+    checkpoint was written take the value those runs had, :data:`LEGACY_VALUES`, else their defaults).
+    Raises what OmegaConf raises."""
+    had = flatten(cfg)
+    legacy = OmegaConf.create()
+    for key, value in LEGACY_VALUES.items():
+        if key not in had:
+            OmegaConf.update(legacy, key, value, force_add=True)
+    return OmegaConf.merge(OmegaConf.structured(TrainConfig), legacy, OmegaConf.create(cfg))
 
 
 def config_hash(cfg: Any, drop: tuple[str, ...] = RESUME_SAFE_KEYS) -> str:

@@ -28,6 +28,10 @@ class EMAConfig:
     enabled: bool = True
     decay: float = 0.999
     update_every: int = 1
+    # The decay of update n (0-based) is min(decay, (1 + n) / (10 + n)): the average starts at the weights being
+    # trained, not at the random initial ones (train.parts.EMA). false: the constant decay of checkpoints written
+    # before it existed (they resume with it).
+    warmup: bool = True
 
 
 @dataclass

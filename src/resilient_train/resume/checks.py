@@ -34,7 +34,7 @@ from ..checkpoint import Loaded
 from ..checkpoint.manifest import MANIFEST, RANKS_DIR, STATE_JSON, STATE_TENSORS
 from ..train.precision import scaler_problem
 
-__all__ = ["check_checkpoint", "check_rng_state", "saved_config"]
+__all__ = ["check_checkpoint", "check_rng_state"]
 
 _MANIFEST_TYPES: dict[str, tuple[type, ...]] = {
     "epoch": (int,),
@@ -117,19 +117,9 @@ def check_checkpoint(loaded: Loaded) -> list[str]:
 # -- state.json ------------------------------------------------------------------------------
 
 
-def saved_config(cfg: dict[str, Any]) -> Any:
-    """A checkpoint's config as a resume runs with it: the schema applied (keys added to the schema
-    since the checkpoint was written take their defaults). Raises what OmegaConf raises."""
-    from omegaconf import OmegaConf
-
-    from ..config import TrainConfig
-
-    return OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.create(cfg))
-
-
 def _check_config(p: _Problems, cfg: Any, manifest: dict[str, Any]) -> Any:
     """The saved config, schema-checked and validated (``None`` when it is not usable)."""
-    from ..config import config_hash, validate_config
+    from ..config import config_hash, saved_config, validate_config
 
     if not isinstance(cfg, dict):
         if cfg is not _ABSENT:

@@ -30,8 +30,8 @@ from ..checkpoint import (
 )
 from ..checkpoint.layout import CHECKPOINTS_DIR, parse_step
 from ..checkpoint.store import Store, is_remote_url
-from ..config import TrainConfig, flatten, is_resume_safe, to_plain
-from .checks import check_checkpoint, saved_config
+from ..config import TrainConfig, flatten, is_resume_safe, saved_config, to_plain
+from .checks import check_checkpoint
 from .remote import fetch_newest, open_store, refuse_reused_prefix, split_url
 from .target import StartupError, resume_target
 

@@ -114,7 +114,7 @@ class Trainer:
         self.net: torch.nn.Module = self.model  # what the loop calls: the model, or DDP around it (fit)
         self.opt_gen, self.sched_gen = optimizer_and_schedule(self.model.parameters(), o, o.lr)
         self.opt_discr, self.sched_discr = optimizer_and_schedule(self.model.discr_parameters(), o, o.discr_lr)
-        self.ema = EMA(self.model, t.ema.decay, t.ema.update_every) if t.ema.enabled else None
+        self.ema = EMA(self.model, t.ema.decay, t.ema.update_every, t.ema.warmup) if t.ema.enabled else None
         self.precision = Precision(t.precision, self.device)
 
         self.batches_per_epoch = batches_per_epoch(self.train_ds, cfg.data, g.world_size)
