@@ -1,15 +1,22 @@
 """The EMA's warm-up (``trainer.ema.warmup``): the average starts at the trained weights, not the random initial ones,
-and a checkpoint written before the warm-up existed resumes with the constant decay it had."""
+and a checkpoint written before the warm-up existed resumes with the constant decay it had. Both weights are
+evaluated, and "best" and ``export`` name the ones they hold (``checkpoint.best_of``)."""
 
 from __future__ import annotations
+
+import json
+import subprocess
+import sys
 
 import pytest
 import torch
 from conftest import run_train
 from omegaconf import OmegaConf
+from safetensors.torch import load_file
 from test_resume import rewrite_json_in_checkpoint
 
 from resilient_train.checkpoint import committed, load_checkpoint
+from resilient_train.monitor import read_history
 from resilient_train.tokenizer.model import build_model
 from resilient_train.train.parts import EMA
 from resilient_train.train.rng import seed_everything
@@ -69,3 +76,35 @@ def test_a_checkpoint_written_before_the_warm_up_resumes_with_the_constant_decay
     rewrite_json_in_checkpoint(ckpt, "state.json", lambda s: s["config"]["trainer"]["ema"].pop("warmup"))
     run_train(old, "resume_from=auto", "trainer.max_steps=10", experiment=None)
     assert compare_checkpoints(committed(straight / "checkpoints")[-1], committed(old / "checkpoints")[-1]) is None
+
+
+def _evals(run) -> list[dict]:
+    return [r for r in read_history(run) if r["kind"] == "eval"]
+
+
+def test_both_weights_are_evaluated_and_best_and_export_name_the_ones_they_hold(trained_run, tmp_path):
+    # The default (checkpoint.best_of=ema): plain names are the EMA's, model_* the trained weights'.
+    evals = _evals(trained_run)
+    assert evals and all({"psnr", "val_loss", "model_psnr", "model_val_loss", "model_ssim"} <= r.keys() for r in evals)
+    best = json.loads((trained_run / "checkpoints" / "best.json").read_text())
+    assert best["weights"] == "ema" and best["val_loss"] == min(r["val_loss"] for r in evals)
+    shown = subprocess.run(
+        [sys.executable, "-m", "resilient_train.status", str(trained_run)], capture_output=True, text=True
+    )
+    assert "val (model): loss" in shown.stdout and "ema weights)" in shown.stdout, shown.stdout
+
+    # checkpoint.best_of=model: "best" is chosen on the trained weights, and export writes them by default.
+    run = tmp_path / "run"
+    run_train(run, "trainer.max_steps=20", "checkpoint.best_of=model")
+    evals = _evals(run)
+    assert all("ema_val_loss" in r and "model_val_loss" not in r for r in evals)
+    best = json.loads((run / "checkpoints" / "best.json").read_text())
+    assert best["weights"] == "model" and best["val_loss"] == min(r["val_loss"] for r in evals)
+    out = tmp_path / "tok"
+    cmd = [sys.executable, "-m", "resilient_train.export", str(run), "--out", str(out)]
+    assert subprocess.run(cmd, capture_output=True, timeout=300).returncode == 0
+    assert json.loads((out / "config.json").read_text())["weights"] == "model"
+    state = load_checkpoint(committed(run / "checkpoints")[-1]).state
+    exported = load_file(out / "tokenizer.safetensors")
+    assert all(torch.equal(v, state["model"][k]) for k, v in exported.items())
+    assert not all(torch.equal(v, state["ema"][k]) for k, v in exported.items() if v.is_floating_point())

@@ -151,6 +151,7 @@ def run_status(run_dir: str | os.PathLike, stale_after: float = 120.0) -> dict[s
         "last_eval_metrics": {k: finite_float(last_eval.get(k)) for k in EVAL_METRICS if k in last_eval}
         if last_eval
         else {},
+        "other_eval": _other_eval(last_eval),
         "latest_checkpoint": _text(hb.get("latest_checkpoint")) or _latest_step_dir(run),
         "best_checkpoint": best,
         "upload": _upload(hb.get("upload")),
@@ -237,6 +238,20 @@ def format_remote(r: dict[str, Any]) -> str:
 EVAL_METRICS = ("psnr", "ssim", "mse", "codebook_usage", "codebook_perplexity")
 
 
+def _other_eval(rec: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The evaluation of the weights besides the ones "best" is about (``model_psnr`` ...): their name and metrics."""
+    for name in ("model", "ema"):
+        if rec and f"{name}_val_loss" in rec:
+            keys = ("val_loss", *EVAL_METRICS)
+            return {"weights": name} | {k: finite_float(rec.get(f"{name}_{k}")) for k in keys if f"{name}_{k}" in rec}
+    return None
+
+
+def _fmt_other(o: dict[str, Any]) -> str:
+    loss = o.get("val_loss")
+    return ("-" if loss is None else f"loss {loss:.6g}") + ", " + _fmt_metrics(o)
+
+
 def _fmt_metrics(m: dict[str, Any]) -> str:
     parts = []
     if m.get("psnr") is not None:
@@ -307,7 +322,8 @@ def format_status(s: dict[str, Any]) -> str:
     if best:
         best_txt = str(best.get("path", "-"))
         if finite_float(best.get("val_loss")) is not None:
-            best_txt += f" (val_loss {best['val_loss']:.6g}, step {best.get('step')})"
+            weights = f", {best['weights']} weights" if best.get("weights") in ("ema", "model") else ""
+            best_txt += f" (val_loss {best['val_loss']:.6g}, step {best.get('step')}{weights})"
     else:
         best_txt = "-"
     age = "-" if s["heartbeat_age_secs"] is None else f"{s['heartbeat_age_secs']:.1f} s ago"
@@ -320,6 +336,7 @@ def format_status(s: dict[str, Any]) -> str:
         ("train loss", _fmt_loss(s["last_train_loss"], s["last_train_step"])),
         ("val loss", _fmt_loss(s["last_val_loss"], s["last_val_step"])),
         ("val metrics", _fmt_metrics(s.get("last_eval_metrics") or {})),
+        *[(f"val ({o['weights']})", _fmt_other(o)) for o in [s.get("other_eval")] if o],
         ("latest ckpt", s["latest_checkpoint"] or "-"),
         ("best ckpt", best_txt),
         ("heartbeat", age),

@@ -254,36 +254,38 @@ def check_best(root: str | os.PathLike, *, expected: bool = False) -> str | None
     return None
 
 
-def _manifest_val_loss(folder: Path, step: int) -> float | None:
-    """The finite ``val_loss`` a committed checkpoint's manifest records, ``None`` if none (damage skipped)."""
+def _manifest_val_loss(folder: Path, step: int) -> tuple[float | None, str | None]:
+    """The finite ``val_loss`` a committed checkpoint's manifest records (``None`` if none, damage skipped), and
+    the weights it is of (``val_weights``: ``ema`` or ``model``; ``None`` in manifests written before it)."""
     path = folder / MANIFEST
     try:
         manifest = read_small_json(path, MAX_MANIFEST_BYTES)
     except FileNotFoundError:  # never committed (a damaged or partial copy): not a candidate
-        return None
+        return None, None
     except ValueError as exc:
         log.warning("ckpt.best_rebuild_skip path=%s error=%s", path, exc)
-        return None
+        return None, None
     if not isinstance(manifest, dict) or manifest.get("step") != step or not _step_ok(manifest.get("step")):
         log.warning("ckpt.best_rebuild_skip path=%s error=manifest is not an object of step %d", path, step)
-        return None
-    return _finite(manifest.get("val_loss"))
+        return None, None
+    weights = manifest.get("val_weights")
+    return _finite(manifest.get("val_loss")), weights if weights in ("ema", "model") else None
 
 
-def _best_from_manifests(root: Path) -> tuple[int, float] | None:
-    """(step, val_loss) of the committed checkpoint with the lowest finite val_loss, the earliest on a tie."""
+def _best_from_manifests(root: Path) -> tuple[int, float, str | None] | None:
+    """(step, val_loss, weights) of the committed checkpoint with the lowest finite val_loss, the earliest on a tie."""
     try:
         folders = committed(root)
     except OSError as exc:
         log.warning("ckpt.best_rebuild_skip path=%s error=%s", root, exc)
         return None
-    best: tuple[float, int] | None = None
+    best: tuple[float, int, str | None] | None = None
     for folder in folders:
         step = parse_step(folder.name)
-        loss = _manifest_val_loss(folder, step)
-        if loss is not None and (best is None or (loss, step) < best):
-            best = (loss, step)
-    return None if best is None else (best[1], best[0])
+        loss, weights = _manifest_val_loss(folder, step)
+        if loss is not None and (best is None or (loss, step) < best[:2]):
+            best = (loss, step, weights)
+    return None if best is None else (best[1], best[0], best[2])
 
 
 def _clear_pointer(path: Path) -> None:
@@ -307,7 +309,7 @@ def rebuild_best(root: str | os.PathLike, *, expected: bool = False) -> dict[str
     :data:`MAX_MANIFEST_BYTES`; a damaged one, or one whose ``step`` is not its folder's, is skipped with a
     warning) and the one with the lowest finite ``val_loss`` wins, the earliest step on a tie (as the trainer
     counts an improvement only when strictly lower). ``best.json`` is replaced atomically with
-    ``{"step", "path", "val_loss"}``, as :meth:`CheckpointManager.set_best` writes it, and
+    ``{"step", "path", "val_loss"[, "weights"]}``, as :meth:`CheckpointManager.set_best` writes it, and
     ``ckpt.best_rebuilt was=<what was wrong> step=N`` is logged. When no manifest records a finite val_loss
     the damaged ``best.json`` is removed (a folder under that name is set aside), logged, and ``None`` is
     returned. Never raises: a failed write or removal is logged as ``ckpt.best_rebuild_failed``.
@@ -324,8 +326,10 @@ def rebuild_best(root: str | os.PathLike, *, expected: bool = False) -> dict[str
                 _clear_pointer(path)
                 log.warning("ckpt.best_removed was=%r path=%s reason=no checkpoint records a val_loss", problem, path)
             return None
-        step, val_loss = found
-        pointer = {"step": step, "path": step_dir_name(step), "val_loss": val_loss}
+        step, val_loss, weights = found
+        pointer = {"step": step, "path": step_dir_name(step), "val_loss": val_loss} | (
+            {"weights": weights} if weights else {}
+        )
         if os.path.isdir(path) and not os.path.islink(path):  # a file cannot replace a folder
             set_aside(path, "damaged")
         atomic_write(path, json.dumps(pointer).encode())

@@ -124,12 +124,14 @@ class CheckpointManager:
     def best(self) -> dict[str, Any] | None:
         return read_best(self.root)
 
-    def set_best(self, step: int, metric: float, name: str = "val_loss") -> None:
-        """Point ``best.json`` at the committed checkpoint of ``step`` (atomic replace)."""
+    def set_best(self, step: int, metric: float, name: str = "val_loss", weights: str | None = None) -> None:
+        """Point ``best.json`` at the committed checkpoint of ``step`` (atomic replace); ``weights``: which ones
+        the metric is of (``ema`` or ``model``)."""
         target = self.root / step_dir_name(step)
         if not target.is_dir():
             raise CheckpointError(f"{target}: cannot mark as best, no committed checkpoint there")
-        atomic_write(self.root / BEST_POINTER, json.dumps({"step": step, "path": target.name, name: metric}).encode())
+        pointer = {"step": step, "path": target.name, name: metric} | ({"weights": weights} if weights else {})
+        atomic_write(self.root / BEST_POINTER, json.dumps(pointer).encode())
         log.info("ckpt.best step=%d path=%s %s=%.6g", step, target, name, metric)
 
     def repair_best(self, best_step: int | None, metric: float) -> None:

@@ -25,6 +25,9 @@ class CheckpointConfig:
     # A save that fails on the file system (EIO, ENOSPC): "continue" logs it and saves again at the next
     # interval (the run's last save is retried at once); "stop" ends the run with exit 1.
     on_save_error: str = "continue"
+    # The weights "best" is chosen on and `export` writes by default: "ema" (the model's own when EMA is off)
+    # or "model". Both are evaluated; the other's metrics are logged with its name as a prefix (model_psnr).
+    best_of: str = "ema"
 
 
 @dataclass
@@ -57,3 +60,5 @@ def check_checkpoint(get: Get, need: Need) -> None:
     need(ok, "checkpoint.remote", remote, f"must be null or a URL starting with one of {list(SCHEMES)}")
     policy = get("checkpoint.on_save_error")
     need(policy in ("continue", "stop"), "checkpoint.on_save_error", policy, "must be 'continue' or 'stop'")
+    best_of = get("checkpoint.best_of")
+    need(best_of in ("ema", "model"), "checkpoint.best_of", best_of, "must be 'ema' or 'model'")

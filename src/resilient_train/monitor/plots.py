@@ -125,6 +125,10 @@ def _draw_loss(
     if psnr_steps:  # the tokenizer's validation metrics, below the losses
         ax2 = fig.add_subplot(2, 1, 2)
         ax2.plot(psnr_steps, psnr_vals, marker="o", markersize=4, color="tab:green", label="val PSNR (dB)")
+        for other in ("model", "ema"):  # the weights besides the ones "best" is about (checkpoint.best_of)
+            o_steps, o_vals = _series(records, "eval", f"{other}_psnr")
+            if o_steps:
+                ax2.plot(o_steps, o_vals, linestyle="--", marker=".", color="tab:olive", label=f"{other} weights PSNR")
         ax2.set_xlabel("step")
         ax2.set_ylabel("PSNR (dB)")
         ax2.grid(True, alpha=0.3)

@@ -40,6 +40,7 @@ _MANIFEST_TYPES: dict[str, tuple[type, ...]] = {
     "epoch": (int,),
     "batch_in_epoch": (int,),
     "val_loss": (int, float, type(None)),
+    "val_weights": (str,),
     "config_hash": (str,),
     "versions": (dict,),
     "env": (dict,),

@@ -3,7 +3,8 @@
 SOURCE is a run, a checkpoint or a store URL. DIR is self-contained and needs only ``magvit2-pytorch``
 (and safetensors) to use:
 
-* ``tokenizer.safetensors``: the generator's weights (the EMA weights by default), no discriminator;
+* ``tokenizer.safetensors``: the generator's weights, no discriminator: by default the weights the run chose
+  "best" on (``checkpoint.best_of``: the EMA unless it says ``model`` or EMA was off), or ``--weights``;
   float32 by default, or rounded to bfloat16 / float16 with ``--dtype`` (half the bytes; loading
   casts them back into the float32 model, so the same lines load either);
 * ``config.json``: the XXH3-128 of ``tokenizer.safetensors`` (``weights_xxh3_128``: :func:`load_tokenizer`
@@ -111,6 +112,12 @@ def load_tokenizer(path: str | os.PathLike, device: str | torch.device = "cpu") 
     return model.to(device).eval()
 
 
+def _best_of(cfg: dict[str, Any], state: dict[str, Any]) -> str:
+    """The weights a run called "best" (``checkpoint.best_of``; runs before the key: the EMA), ``model`` without EMA."""
+    best_of = cfg.get("checkpoint", {}).get("best_of", "ema") if isinstance(cfg.get("checkpoint"), dict) else "ema"
+    return best_of if best_of in ("ema", "model") and "ema" in state else "model"
+
+
 def _checkpoint_of(source: Path) -> Path:
     found = checkpoints_under(source)
     if not found:
@@ -119,10 +126,11 @@ def _checkpoint_of(source: Path) -> Path:
 
 
 def export_tokenizer(
-    source: str | os.PathLike, out: str | os.PathLike, weights: str = "ema", dtype: str = "float32"
+    source: str | os.PathLike, out: str | os.PathLike, weights: str | None = None, dtype: str = "float32"
 ) -> Path:
     """Write the tokenizer of ``source`` (a checkpoint, or a run directory: its newest checkpoint) to ``out``,
-    its floating-point weights in ``dtype`` (:data:`DTYPES`)."""
+    its floating-point weights in ``dtype`` (:data:`DTYPES`); ``weights``: ``ema`` or ``model`` (``None``: the ones
+    the run's ``checkpoint.best_of`` named, which "best" was chosen on)."""
     from magvit2_pytorch import VideoTokenizer
     from safetensors.torch import save_file
 
@@ -139,6 +147,7 @@ def export_tokenizer(
     from omegaconf import OmegaConf
 
     mcfg, dcfg = OmegaConf.create(cfg["model"]), cfg["data"]
+    weights = weights or _best_of(cfg, state)
     kwargs = tokenizer_kwargs(mcfg)
     with torch.random.fork_rng(devices=[]):  # the generator the folder describes (its init draws random numbers)
         generator = VideoTokenizer(**_constructor_kwargs(kwargs)).copy_for_eval()
@@ -215,7 +224,9 @@ def main(argv: list[str] | None = None) -> int:
         "source", help="a checkpoint directory, a run directory (its newest checkpoint), or a store URL (s3://...)"
     )
     p.add_argument("--out", type=Path, required=True, help="the folder to create")
-    p.add_argument("--weights", choices=["ema", "model"], default="ema", help="EMA weights (default) or the raw model")
+    p.add_argument(
+        "--weights", choices=["ema", "model"], default=None, help="default: those the run chose best on (best_of)"
+    )
     p.add_argument(
         "--dtype", choices=list(DTYPES), default="float32", help="how the weights are stored (half: bf16, fp16)"
     )

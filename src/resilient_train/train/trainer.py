@@ -234,7 +234,7 @@ class Trainer:
         c = self.counters
         if not self.evaluator.due(c.step):
             return None, False
-        self.last_eval = self.evaluator.run(self.ema.model if self.ema is not None else self.model, c.step)
+        self.last_eval = self.evaluator.run(self.model, self.ema.model if self.ema is not None else None, c.step)
         val_loss = self.last_eval["val_loss"]
         improved = val_loss < c.best_val_loss
         if improved:
@@ -253,12 +253,13 @@ class Trainer:
             "batch_in_epoch": self.position.batch_in_epoch,
             "created": time.time(),
             "val_loss": val_loss,
+            "val_weights": self.evaluator.weights,
             "config_changes": list(self.config_changes),
         }
 
         def on_commit(path: Path) -> None:
             if is_best:
-                self.ckpt.set_best(step, float(val_loss))
+                self.ckpt.set_best(step, float(val_loss), weights=self.evaluator.weights)
 
         self.ckpt.save(step, state, tensor_groups=TENSOR_GROUPS, metadata=metadata, on_commit=on_commit, rank_state=own)
 
