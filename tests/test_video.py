@@ -228,7 +228,7 @@ def test_cached_clips_are_bit_identical_to_decoded_ones(tmp_path, cache):
         assert torch.equal(first[k], plain[k]) and torch.equal(again[k], plain[k]), k
     if cache == "disk":
         files = sorted(p.name for p in (tmp_path / "cache").rglob("*") if p.is_file())
-        assert len(files) == len(plain) and all(f.endswith(".npy") for f in files), files
+        assert len(files) == len(plain) and all(f.endswith(".clip") for f in files), files
         fresh, _, _ = build_folder_datasets(cfg(data, cache="disk", cache_dir=str(tmp_path / "cache")))
         assert torch.equal(fresh[2], plain[2])  # read back by another dataset (a new process would do the same)
 

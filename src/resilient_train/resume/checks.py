@@ -32,6 +32,7 @@ import torch
 
 from ..checkpoint import Loaded
 from ..checkpoint.manifest import MANIFEST, RANKS_DIR, STATE_JSON, STATE_TENSORS
+from ..config import saved_config  # noqa: F401  (moved to config.schema; the old path resilient_train.checks keeps it)
 from ..train.precision import scaler_problem
 
 __all__ = ["check_checkpoint", "check_rng_state"]
@@ -120,7 +121,7 @@ def check_checkpoint(loaded: Loaded) -> list[str]:
 
 def _check_config(p: _Problems, cfg: Any, manifest: dict[str, Any]) -> Any:
     """The saved config, schema-checked and validated (``None`` when it is not usable)."""
-    from ..config import config_hash, saved_config, validate_config
+    from ..config import config_hash, validate_config
 
     if not isinstance(cfg, dict):
         if cfg is not _ABSENT:
