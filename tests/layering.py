@@ -18,7 +18,7 @@ from pathlib import Path
 
 #: bottom to top; a name stands for that module and everything under it
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("base", ("_imports", "fsio", "dist")),
+    ("base", ("_imports", "fsio", "dist", "startup")),
     ("checkpoint", ("checkpoint",)),
     ("config", ("config",)),
     ("monitor", ("monitor",)),

@@ -14,6 +14,7 @@ for _k, _v in DETERMINISM_ENV.items():
 __version__ = "0.1.0"
 
 from . import _imports  # noqa: E402
+from . import startup as _startup  # noqa: E402,F401  (the start's clock: the first phase ends at this import)
 
 _imports.install()  # the old module paths (resilient_train.trainer, ...) for one more release
 

@@ -11,17 +11,20 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from .. import startup
 from ..checkpoint.manager import SaveError
 from ..config import CONFIG_DIR, register_configs
 from ..data.video import VideoReadError
 from ..dist import from_env
 from ..resume.lock import PendingLog, RunLock
-from ..tokenizer.model import quiet_library_warnings
+from ..tokenizer.model import import_library, quiet_library_warnings
 from ..train.device import DeviceError, resolve_device, shares_gpu
 from ..train.faults import EXIT_DIVERGED, DivergedError
 from ..train.watchdog import collective_timeout
 from .argv import EXIT_CONFIG_ERROR, prepare_argv
 from .start import REFUSALS, start
+
+startup.mark("imports")
 
 __all__ = ["main", "run", "EXIT_CONFIG_ERROR", "EXIT_FAILED"]
 
@@ -51,6 +54,9 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str], log_name: str = "t
 
     ``log_name``: the log file, ``RUN/<log_name>.log``, opened once the start is accepted.
     """
+    startup.mark("config")
+    import_library()  # needed before any step; here, its seconds are a phase of their own
+    startup.mark("model_imports")
     try:  # a device the machine lacks is refused before the data, the run lock and the model
         device = resolve_device(cfg.trainer.device)
     except DeviceError as exc:

@@ -16,6 +16,7 @@ from pathlib import Path
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from .. import startup
 from ..checkpoint import CheckpointError
 from ..config import flatten, to_plain, typed, validate_config
 from ..data.loader import build_data
@@ -84,6 +85,7 @@ def start(
     try:
         if plan is None:
             plan = plan_chosen(cfg, overrides, choice["path"], g.rank)
+        startup.mark("read_verify")
         trainer = _build(plan, run_dir, g)
     except REFUSALS as exc:
         refused = exc
@@ -170,9 +172,11 @@ def _build(plan: ResumePlan, run_dir: Path, g: Group) -> Trainer:
     if cfg.trainer.compile:
         check_compile(device)
     data = build_data(cfg.data, cfg.seed)  # a folder that cannot be used is refused before the model is built
+    startup.mark("data")
     changes = list(plan.changes)
     if plan.loaded is not None:
         changes += admit(plan.loaded, cfg, env=capture_env(device), device=device, group=g, fingerprint=data[2])
+        startup.mark("checks")
     chaos = None
     if cfg.chaos.enabled:
         from ..chaos.agent import Chaos  # only imported when chaos is on
@@ -188,8 +192,11 @@ def _build(plan: ResumePlan, run_dir: Path, g: Group) -> Trainer:
         device=device,
         data=data,
     )
+    startup.mark("build")
     if plan.loaded is not None:
         if chaos is not None:
             chaos.on_resume(trainer, plan.loaded.state)
         trainer.restore(plan.loaded)
+        startup.mark("restore")
+        startup.resumed_from(plan.loaded.path)
     return trainer

@@ -18,7 +18,14 @@ import torch
 
 from ..config import layer_specs, time_downsample_factor, to_plain
 
-__all__ = ["build_model", "eval_copy", "model_kwargs", "quiet_library_warnings", "time_downsample_factor"]
+__all__ = [
+    "build_model",
+    "eval_copy",
+    "import_library",
+    "model_kwargs",
+    "quiet_library_warnings",
+    "time_downsample_factor",
+]
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +34,12 @@ def quiet_library_warnings() -> None:
     """Silence the deprecation warnings magvit2-pytorch and its dependencies raise from torch on import: they are
     not the user's to act on (the command-line entry points call this first)."""
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"(torch|magvit2_pytorch|vector_quantize)")
+
+
+def import_library() -> None:
+    """Import magvit2-pytorch (and torchvision, which imports torch._dynamo: about 3 s on a 2-core machine), so a
+    caller can time it as one phase (:mod:`resilient_train.startup`) instead of in whichever step first needs it."""
+    import magvit2_pytorch  # noqa: F401
 
 
 def model_kwargs(model_cfg: Any) -> dict[str, Any]:

@@ -32,6 +32,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
+from .. import startup
 from ..monitor import Heartbeat, HistoryWriter, rank_dir, truncate_history, write_side_file
 
 if TYPE_CHECKING:
@@ -88,6 +89,7 @@ class HistoryObserver(Observer):
 
     def on_start(self, trainer: Trainer) -> None:
         self.writer = HistoryWriter(self._dir(trainer))
+        startup.mark("setup")
 
     def on_rollback(self, trainer: Trainer, record: dict[str, Any]) -> None:
         """The replayed steps are logged again: the records after the restored step go, the rollback is kept."""
@@ -102,6 +104,8 @@ class HistoryObserver(Observer):
         if self.first:
             log.info("train.first_step step=%d rank=%d", step, self.rank)
             self.first = False
+            startup.mark("first_step", at=record["time"])  # when the step ended, before any evaluation
+            startup.report()  # once per process: not after a rollback
         if step % self.every == 0:  # stamped when the step ended, before any evaluation
             metrics = {k: record[k] for k in self.TRAIN_KEYS} | {
                 k: record[k] for k in ("scale", "skipped") if k in record
