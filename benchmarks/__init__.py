@@ -17,6 +17,8 @@ job's (``Trainer.state_dict()`` after one optimizer step, so AdamW moments exist
                            printed beside it, the floor: one plain copy of the same bytes / without
   resume_vs_fresh_start    process start -> first trained step of the magvit64 job (65.5 MB state)
                            via `python -m resilient_train.cli`, resuming / starting fresh
+  resume_vs_floor          the same resume / a bare `python -c` importing torch and magvit2-pytorch and
+                           building the model (what any restart pays); beside it, the resume.timing phases
   save_every_step_vs_never_tiny, save_every_step_vs_never_magvit64
                            wall time of Trainer.fit checkpointing every step (async) / never
   folder_vs_synthetic_tiny, folder_vs_synthetic_magvit64

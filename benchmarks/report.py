@@ -28,6 +28,7 @@ TARGETS = {
     "loop_vs_bare_magvit64": (">=", 0.97),
     "async_stall_vs_sync": ("<=", 0.2),
     "resume_vs_fresh_start": ("<=", 1.05),
+    "resume_vs_floor": ("<=", 1.3),
     "save_every_step_vs_never_tiny": ("<=", 1.5),
     "save_every_step_vs_never_magvit64": ("<=", 1.05),
     "folder_vs_synthetic_tiny": (">=", 0.9),

@@ -1,10 +1,15 @@
 """Resuming against starting fresh, in real processes (``resume_vs_fresh_start``): process start -> first
-trained step of the magvit64 job (65.5 MB state) via ``python -m resilient_train.cli``, resuming / fresh."""
+trained step of the magvit64 job (65.5 MB state) via ``python -m resilient_train.cli``, resuming / fresh.
+
+``resume_vs_floor``: the same resume / the floor, a bare ``python -c`` that imports torch and magvit2-pytorch and
+builds the same model (what any restart must pay; the first step's own seconds are not in it). Beside it, the
+median of each phase of the resumes' ``resume.timing`` lines (:mod:`resilient_train.startup`)."""
 
 from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -61,28 +66,56 @@ def run_base(base: Path, steps: int) -> Path:
     return base / "checkpoints" / f"step_{steps:08d}"
 
 
+def floor_command() -> list[str]:
+    """``python -c``: import torch and magvit2-pytorch, build the job's model (its kwargs as Python literals)."""
+    from resilient_train.config import compose, typed
+    from resilient_train.tokenizer.model import model_kwargs
+
+    kwargs = model_kwargs(typed(compose([f"+experiment={RESUME_EXPERIMENT}"])).model)
+    code = f"import torch, magvit2_pytorch\nmagvit2_pytorch.VideoTokenizer(**{kwargs!r})"
+    return [sys.executable, "-c", code]
+
+
+def time_floor(cmd: list[str]) -> float:
+    t0 = time.time()
+    subprocess.run(cmd, check=True, capture_output=True, env=train_env())
+    return time.time() - t0
+
+
+def phases_of(log: Path) -> dict[str, float]:
+    """The spans of the ``resume.timing`` line in a trainer's log."""
+    (line,) = [x for x in log.read_text().splitlines() if " resume.timing " in x]
+    return {k: float(v) for k, v in (w.split("=", 1) for w in line.split(" resume.timing ", 1)[1].split()[:-1])}
+
+
 def bench_resume(work: Path, reps: int, budget_s: float, base_steps: int = 1) -> dict[str, Result]:
     base = work / "resume-base"
     ckpt = run_base(base, base_steps)
-    fresh_t, resume_t, load_s, reads = [], [], [], []
+    floor = floor_command()
+    fresh_t, resume_t, floor_t, load_s, reads, phases = [], [], [], [], [], []
     for r in within_budget(reps, budget_s, "resume"):
-        for kind in ("fresh", "resume") if r % 2 == 0 else ("resume", "fresh"):
+        for kind in ("fresh", "resume", "floor")[r % 3 :] + ("fresh", "resume", "floor")[: r % 3]:
             run = work / f"{kind}-{r}"
             log = work / f"{kind}-{r}.log"
-            if kind == "fresh":
+            if kind == "floor":
+                floor_t.append(time_floor(floor))
+            elif kind == "fresh":
                 fresh_t.append(time_to_step(run, train_args(run, "trainer.max_steps=20"), 1, log))
             else:
                 shutil.copytree(base, run)
                 resume_t.append(
                     time_to_step(run, train_args(run, "resume_from=auto", "trainer.max_steps=20"), base_steps + 1, log)
                 )
+                phases.append(phases_of(log))
                 lines = log.read_text().splitlines()
                 reads.append(sum("ckpt.read " in line for line in lines))
                 for line in lines:
                     if ("ckpt.read " in line or "ckpt.load " in line) and "secs=" in line:
                         load_s.append(float(line.rsplit("secs=", 1)[1].split()[0]))
             shutil.rmtree(run, ignore_errors=True)
-    say(f"  resume done: resume {median(resume_t):.2f}s fresh {median(fresh_t):.2f}s")
+    say(f"  resume done: resume {median(resume_t):.2f}s fresh {median(fresh_t):.2f}s floor {median(floor_t):.2f}s")
+    phase_medians = {k: median([p[k] for p in phases if k in p]) for k in phases[0]}
+    say("  resume phases (median s): " + " ".join(f"{k}={v:.2f}" for k, v in phase_medians.items()))
     pair_ratios = [r / f for r, f in zip(resume_t, fresh_t)]  # adjacent runs: the same load on both
     entry = {
         "ours_s": median(resume_t),
@@ -98,4 +131,21 @@ def bench_resume(work: Path, reps: int, budget_s: float, base_steps: int = 1) ->
         "ratio_is": "median over adjacent (resume, fresh) pairs of resume seconds / fresh seconds",
         "pair_ratios": pair_ratios,
     }
-    return {"resume_vs_fresh_start": Result(entry, ratio=median(pair_ratios))}
+    floor_ratios = [r / f for r, f in zip(resume_t, floor_t)]
+    floor_entry = {
+        "ours_s": median(resume_t),
+        "baseline_s": median(floor_t),
+        "ours_samples_s": resume_t,
+        "baseline_samples_s": floor_t,
+        "ours": entry["ours"],
+        "baseline": f"python -c 'import torch, magvit2_pytorch; VideoTokenizer(**{RESUME_EXPERIMENT} kwargs)': "
+        "Popen -> exit",
+        "phases_median_s": phase_medians,
+        "phases_samples_s": phases,
+        "ratio_is": "median over adjacent (resume, floor) pairs of resume seconds / floor seconds",
+        "pair_ratios": floor_ratios,
+    }
+    return {
+        "resume_vs_fresh_start": Result(entry, ratio=median(pair_ratios)),
+        "resume_vs_floor": Result(floor_entry, ratio=median(floor_ratios)),
+    }

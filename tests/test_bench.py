@@ -32,6 +32,7 @@ RATIOS = {
     "loop_vs_bare_magvit64",
     "async_stall_vs_sync",
     "resume_vs_fresh_start",
+    "resume_vs_floor",
     "save_every_step_vs_never_tiny",
     "save_every_step_vs_never_magvit64",
     "folder_vs_synthetic_tiny",
