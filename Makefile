@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup train test test-slow test-all chaos-test chaos-test-ranks chaos-test-remote bench lint clean
+.PHONY: setup train test test-slow test-all chaos-test chaos-test-ranks chaos-test-remote bench bench-quality lint clean
 
 setup: $(STAMP)
 
@@ -42,6 +42,11 @@ chaos-test-remote: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks
+
+# Training quality against an outside reference: our loop and magvit2-pytorch's own VideoTokenizerTrainer on the
+# same clips, initial weights, batch, LR and steps, judged by one metric code on held-out clips (benchmarks.quality).
+bench-quality: $(STAMP)
+	$(PY) -m benchmarks.quality
 
 lint: $(STAMP)
 	$(PY) -m ruff check src tests scripts benchmarks train.py

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ import torch
 
 from .autocast import PRECISIONS
 
-__all__ = ["evaluate_tokenizer", "main"]
+__all__ = ["evaluate_model", "evaluate_tokenizer", "main"]
 
 
 def evaluate_tokenizer(
@@ -33,9 +34,8 @@ def evaluate_tokenizer(
 ) -> dict[str, Any]:
     from ..data.clips import Preprocessing
     from ..data.folder import clips_of
-    from .autocast import autocast, check_precision
+    from .autocast import check_precision
     from .export import load_tokenizer, read_config
-    from .metrics import Reconstruction
 
     check_precision(precision, torch.device(device), "--precision")
     cfg = read_config(tokenizer_dir)
@@ -43,16 +43,36 @@ def evaluate_tokenizer(
     n = int(c["num_frames"])
     clips, skipped = clips_of(data, Preprocessing(n, 1, n, int(c["image_size"]), int(c["channels"])))
     model = load_tokenizer(tokenizer_dir, device)
-    metrics = Reconstruction(cfg["kwargs"]["fsq_levels"])
     count = min(len(clips), max_clips) if max_clips else len(clips)
+    r = evaluate_model(model, clips, cfg["kwargs"]["fsq_levels"], vcff, batch_size, precision, count)
+    return {"clips": count, "files": len(clips.files), "skipped": skipped, **r}
+
+
+def evaluate_model(
+    model: torch.nn.Module,
+    clips: Sequence[torch.Tensor],
+    fsq_levels: Sequence[int],
+    video_contains_first_frame: bool,
+    batch_size: int = 4,
+    precision: str = "32",
+    count: int | None = None,
+) -> dict[str, float]:
+    """The metrics (:mod:`.metrics`) of a generator (eval mode, on its device) on the first ``count`` (default: all)
+    ``(C, T, H, W)`` clips in [0, 1] of ``clips`` (indexed one at a time, so a dataset is decoded batch by batch):
+    each batch encoded, quantized and decoded as the exported tokenizer does; the metrics in float32."""
+    from .autocast import autocast
+    from .metrics import Reconstruction
+
+    device = next(iter(model.parameters())).device  # VideoTokenizer.parameters() returns a list
+    metrics = Reconstruction(fsq_levels)
+    count = len(clips) if count is None else count
     for b in range(0, count, batch_size):
         video = torch.stack([clips[k] for k in range(b, min(b + batch_size, count))]).to(device)
         with torch.no_grad(), autocast(precision, video.device):
-            quantized, codes = model.encode(video, quantize=True, video_contains_first_frame=vcff)
-            recon = model.decode(quantized, video_contains_first_frame=vcff)
-        recon = recon.float()
-        metrics.add(video, recon, codes)
-    return {"clips": count, "files": len(clips.files), "skipped": skipped, **metrics.result()}
+            quantized, codes = model.encode(video, quantize=True, video_contains_first_frame=video_contains_first_frame)
+            recon = model.decode(quantized, video_contains_first_frame=video_contains_first_frame)
+        metrics.add(video, recon.float(), codes)
+    return metrics.result()
 
 
 def main(argv: list[str] | None = None) -> int:
