@@ -198,6 +198,7 @@ def test_a_half_precision_export_halves_the_weights_and_loads_with_magvit2_alone
     assert bad.returncode == 2 and "invalid choice: 'fp8'" in bad.stderr and "float32" in bad.stderr
 
 
+@pytest.mark.slow  # moved to keep the default suite under 15 minutes
 def test_tokenize_and_evaluate_run_in_each_precision_and_refuse_an_unknown_one(exported, tmp_path):
     from safetensors.torch import load_file
 

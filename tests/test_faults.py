@@ -212,6 +212,7 @@ def _assert_diverged(proc: subprocess.CompletedProcess, run_dir: Path, step: int
     assert temporaries(run_dir) == []
 
 
+@pytest.mark.slow  # moved to keep the default suite under 15 minutes
 def test_a_real_divergence_stops_with_exit_65_after_the_rollback_budget(tmp_path):
     # From the start: the only state to roll back to is the initial one.
     scratch = tmp_path / "scratch"

@@ -63,6 +63,7 @@ def test_a_stopped_and_resumed_run_equals_one_trained_straight_in_each_precision
         assert "scaler" not in state and "skipped" not in train[-1]
 
 
+@pytest.mark.slow  # moved to keep the default suite under 15 minutes
 def test_precision_differs_from_float32_and_changing_it_on_resume_is_refused_unless_allowed(tmp_path):
     f32, bf16 = tmp_path / "f32", tmp_path / "bf16"
     run_train(f32, *FAST, "trainer.max_steps=4", "checkpoint.every_n_steps=4")

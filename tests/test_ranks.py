@@ -148,6 +148,7 @@ def test_divergent_replicas_refuse_the_commit_on_every_rank(tmp_path):
     assert committed(tmp_path / "run" / "checkpoints") == []
 
 
+@pytest.mark.slow  # moved to keep the default suite under 15 minutes
 def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step_and_resume_matches(ref2, tmp_path):
     run_dir = tmp_path / "run"
     seed = victim_seed("sigterm", 7, rank=1)

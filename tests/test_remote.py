@@ -331,6 +331,7 @@ def _hold_refused() -> str | None:
     return None
 
 
+@pytest.mark.slow  # moved to keep the default suite under 15 minutes
 def test_sigkill_during_upload_leaves_files_no_reader_uses_and_the_next_start_finishes_it(s3, bg, tmp_path):
     why = _hold_refused()
     if why is not None:
@@ -617,6 +618,7 @@ def _skipped(proc: subprocess.CompletedProcess, shared: Shared, url: str) -> Non
     _resumed_from_best(proc, shared, url)
 
 
+@pytest.mark.slow  # moved to keep the default suite under 15 minutes
 def test_changed_object_is_skipped_marked_invalid_and_never_downloaded_again(s3, shared, tmp_path):
     url = _changed_newest(s3, shared, "a-changed")
     args = (*EVERY5, f"trainer.max_steps={shared.best_step}", "resume_from=auto", f"checkpoint.remote={url}")

@@ -397,6 +397,7 @@ def test_second_writer_is_refused_and_lock_is_taken_over_after_sigkill(ref30, ru
 # 9. second SIGINT
 
 
+@pytest.mark.slow  # moved to keep the default suite under 15 minutes
 def test_second_sigint_exits_at_once_leaving_committed_checkpoints_valid(half10, runs, tmp_path):
     run = tmp_path / "run"
     # Every save parks at "files_written", so the second Ctrl-C lands while the first one's
@@ -459,6 +460,7 @@ def test_missing_rng_key_is_an_error(half10, tmp_path):
     assert committed(run) == [step_dir_name(10)]
 
 
+@pytest.mark.slow  # moved to keep the default suite under 15 minutes
 def test_thread_count_change_is_refused_unless_allowed_then_recorded(half10, tmp_path):
     run = copy_run(half10, tmp_path / "run")
     proc = run_train(

@@ -5,6 +5,7 @@ adding up to its total (the process's birth to the end of its first step)."""
 from __future__ import annotations
 
 import re
+import shutil
 
 from conftest import run_train
 
@@ -18,16 +19,15 @@ def timing(log: str, kind: str) -> tuple[dict[str, float], str]:
     return spans, line
 
 
-def test_each_start_logs_its_phases_once_and_they_add_up(tmp_path):
+def test_each_start_logs_its_phases_once_and_they_add_up(trained_run, tmp_path):
     run = tmp_path / "run"
-    run_train(run, "trainer.max_steps=2")
+    shutil.copytree(trained_run, run)  # the shared run (20 steps, fresh) is only read
     fresh, _ = timing((run / "train.log").read_text(), "start")
     assert list(fresh) == [*FRESH, "total"]
-    run_train(run, "resume_from=auto", "trainer.max_steps=4")
-    log = (run / "train.log").read_text()
-    resumed, line = timing(log, "resume")
+    run_train(run, "resume_from=auto", "trainer.max_steps=21")
+    resumed, line = timing((run / "train.log").read_text(), "resume")
     assert list(resumed) == [*RESUME, "total"]
-    assert line.endswith(f"path={run / 'checkpoints' / 'step_00000002'}")
+    assert line.endswith(f"path={run / 'checkpoints' / 'step_00000020'}")
     for spans in (fresh, resumed):
         parts = sum(v for k, v in spans.items() if k != "total")
         assert abs(parts - spans["total"]) <= 0.01 * len(spans), spans  # each printed to 0.01 s

@@ -275,6 +275,7 @@ def video_folder(tmp_path_factory) -> Path:
 FOLDER = ("data=folder", "data.val_fraction=0.2", "data.num_workers=2", "data.cache=disk")
 
 
+@pytest.mark.slow  # moved to keep the default suite under 15 minutes
 def test_resume_mid_epoch_on_a_folder_with_workers_and_cache_is_bit_identical(video_folder, tmp_path):
     cache = f"data.cache_dir={tmp_path / 'cache'}"
     ref, split = tmp_path / "ref", tmp_path / "split"
