@@ -283,6 +283,7 @@ def test_a_failed_save_stops_the_run_with_on_save_error_stop(tmp_path):
     assert heartbeat(run_dir)["status"] == "failed"
 
 
+@pytest.mark.slow  # moved to keep the default suite under 15 minutes
 def test_on_save_error_stop_holds_when_an_async_save_failure_surfaces_in_a_rollback(tmp_path):
     run_dir = tmp_path / "run"
     chaos = ("chaos.enabled=true", "chaos.io_error_steps=[20]", "chaos.nan_steps=[21]")

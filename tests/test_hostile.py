@@ -117,6 +117,7 @@ def test_second_trainer_refused_by_the_lock_writes_nothing(trained_run, tmp_path
 # 2. one validation for verify and resume
 
 
+@pytest.mark.slow  # moved to keep the default suite under 15 minutes
 def test_hash_matching_bad_content_is_refused_by_path_and_set_aside_by_auto(trained_run, tmp_path):
     run = copy_run(trained_run, tmp_path / "run")
     edit_json(ckpt(run, 20), "state.json", lambda s: s["trainer"].update(step="20"))
