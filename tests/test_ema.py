@@ -74,7 +74,10 @@ def test_a_checkpoint_written_before_the_warm_up_resumes_with_the_constant_decay
     # As the code before the key wrote it: no trainer.ema.warmup in the saved config (its hash is unchanged).
     (ckpt,) = committed(old / "checkpoints")
     rewrite_json_in_checkpoint(ckpt, "state.json", lambda s: s["config"]["trainer"]["ema"].pop("warmup"))
-    run_train(old, "resume_from=auto", "trainer.max_steps=10", experiment=None)
+    refused = run_train(old, "resume_from=auto", "trainer.max_steps=10", "trainer.ema.warmup=true", check=False)
+    assert refused.returncode == 2 and "trainer.ema.warmup: False -> True" in refused.stderr, refused.stderr
+    # A restart loop's line names the experiment again (whose default is now true): the old behaviour is kept.
+    run_train(old, "resume_from=auto", "trainer.max_steps=10", *common[1:])
     assert compare_checkpoints(committed(straight / "checkpoints")[-1], committed(old / "checkpoints")[-1]) is None
 
 

@@ -19,6 +19,7 @@ from .data import DataConfig
 from .model import LAYER_TYPES, MAX_CODEBOOK_SIZE, DiscrConfig, ModelConfig, layer_specs, time_downsample_factor
 from .schema import (
     CONFIG_DIR,
+    LEGACY_VALUES,
     RESUME_SAFE_KEYS,
     TrainConfig,
     compose,
@@ -43,6 +44,7 @@ __all__ = [
     "to_plain",
     "typed",
     "RESUME_SAFE_KEYS",
+    "LEGACY_VALUES",
     "DEVICE_SPEC",
     "layer_specs",
     "time_downsample_factor",

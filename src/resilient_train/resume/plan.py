@@ -30,7 +30,7 @@ from ..checkpoint import (
 )
 from ..checkpoint.layout import CHECKPOINTS_DIR, parse_step
 from ..checkpoint.store import Store, is_remote_url
-from ..config import TrainConfig, flatten, is_resume_safe, saved_config, to_plain
+from ..config import LEGACY_VALUES, TrainConfig, flatten, is_resume_safe, saved_config, to_plain
 from .checks import check_checkpoint
 from .remote import fetch_newest, open_store, refuse_reused_prefix, split_url
 from .target import StartupError, resume_target
@@ -167,6 +167,10 @@ def _plan(cfg: DictConfig, overrides: list[str], loaded: Loaded | None) -> Resum
     saved = saved_config(loaded.state["config"])  # keys added to the schema since: their defaults
     if any(_group_override(o) for o in overrides):
         candidate = OmegaConf.create(to_plain(cfg))  # the command line names a full experiment: compare it all
+        had, named = flatten(loaded.state["config"]), {o.lstrip("+~").partition("=")[0] for o in overrides}
+        for key in LEGACY_VALUES:  # a key newer than the checkpoint: the behaviour it was written with, unless named
+            if key not in had and key not in named:
+                OmegaConf.update(candidate, key, OmegaConf.select(saved, key), force_add=True)
     else:
         candidate = OmegaConf.create(to_plain(saved))
         for ov in overrides:
