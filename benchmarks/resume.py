@@ -72,7 +72,7 @@ def floor_command() -> list[str]:
     from resilient_train.tokenizer.model import model_kwargs
 
     kwargs = model_kwargs(typed(compose([f"+experiment={RESUME_EXPERIMENT}"])).model)
-    code = f"import torch, magvit2_pytorch\nmagvit2_pytorch.VideoTokenizer(**{kwargs!r})"
+    code = f"from math import inf\nimport torch, magvit2_pytorch\nmagvit2_pytorch.VideoTokenizer(**{kwargs!r})"
     return [sys.executable, "-c", code]
 
 
