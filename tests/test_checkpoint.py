@@ -396,7 +396,7 @@ def test_malicious_payload_is_live(tmp_path):
 
 
 @pytest.mark.parametrize("fmt", ["pickle", "torch_zip"])
-@pytest.mark.parametrize("target", [pytest.param("state.safetensors", marks=pytest.mark.slow), "model.safetensors"])
+@pytest.mark.parametrize("target", ["state.safetensors", "model.safetensors"])
 def test_planted_pickle_with_matching_hash_is_refused_in_process(trained_run, tmp_path, target, fmt):
     marker = tmp_path / "pwned"
     ckpt = _copy_ckpt(trained_run / "checkpoints" / STEP20, tmp_path / "run" / "checkpoints" / STEP20)
