@@ -101,11 +101,11 @@ def run_ours(work: Path, overrides: list[str], every: int) -> Path:
     return run
 
 
-def run_upstream(work: Path, overrides: list[str], setup: dict[str, Any], device: str) -> dict[str, Any]:
+def run_upstream(work: Path, overrides: list[str], setup: dict[str, Any], clips: Path, device: str) -> dict[str, Any]:
     out = work / "upstream"
     spec = {
         "overrides": overrides,
-        "train_dir": overrides_value(overrides, "data.path") + "/train",
+        "train_dir": str(clips / "train"),
         "steps": setup["steps"],
         "eval_every": setup["eval_every"],
         "device": device,
@@ -118,10 +118,6 @@ def run_upstream(work: Path, overrides: list[str], setup: dict[str, Any], device
     if rc != 0:
         raise RuntimeError(f"magvit2-pytorch's trainer exited {rc}; see {work / 'upstream.log'}")
     return json.loads((out / "result.json").read_text())
-
-
-def overrides_value(overrides: list[str], key: str) -> str:
-    return next(o.split("=", 1)[1] for o in overrides if o.startswith(key + "="))
 
 
 def our_step_secs(run: Path) -> list[float]:
@@ -139,6 +135,7 @@ class Judge:
         from resilient_train.config import compose, typed
         from resilient_train.data.clips import Preprocessing
         from resilient_train.data.folder import clips_of
+        from resilient_train.tokenizer.model import build_model, eval_copy
 
         self.cfg = typed(compose(overrides))
         m = self.cfg.model
@@ -146,6 +143,8 @@ class Judge:
         clips, _ = clips_of([val_dir], Preprocessing(n, 1, n, int(m.image_size), int(m.channels)))
         self.clips = [clips[k] for k in range(len(clips))]
         self.device = device
+        with torch.random.fork_rng(devices=[]):  # the generator every snapshot is loaded into, built once
+            self.generator = eval_copy(build_model(self.cfg.model)).to(device)
 
     def initial(self) -> dict[str, torch.Tensor]:
         from benchmarks.quality_upstream import generator_state
@@ -157,13 +156,11 @@ class Judge:
 
     def __call__(self, tensors: dict[str, torch.Tensor] | torch.nn.Module) -> dict[str, float]:
         from resilient_train.tokenizer.evaluate import evaluate_model
-        from resilient_train.tokenizer.model import build_model, eval_copy
 
         if isinstance(tensors, torch.nn.Module):
             model = tensors
         else:
-            with torch.random.fork_rng(devices=[]):
-                model = eval_copy(build_model(self.cfg.model))
+            model = self.generator
             model.load_state_dict(tensors, strict=True)
         m = self.cfg.model
         r = evaluate_model(model.to(self.device), self.clips, list(m.fsq_levels), bool(m.video_contains_first_frame))
@@ -197,7 +194,7 @@ def evaluate_seed(work: Path, setup: dict[str, Any], experiment: str, clips: Pat
     ours_export = judge(load_tokenizer(work / "ours-export", device))
 
     t0 = time.perf_counter()
-    up = run_upstream(work, overrides, setup, device)
+    up = run_upstream(work, overrides, setup, clips, device)
     up_wall = time.perf_counter() - t0
     for snap in up["snapshots"]:
         for which in ("model", "ema"):
