@@ -5,9 +5,9 @@
   cropping, upstream's MP4 reader only cropping). :func:`check_readers` demands that both readers (PyAV for ours,
   OpenCV for magvit2-pytorch's ``VideoDataset``) give the same tensors, bit for bit.
 * **Long enough for upstream's reader.** ``magvit2_pytorch.data.video_to_tensor`` drops two frames: the last one it
-  decodes (``frames[:-1]``), then one more (``[:, :num_frames]`` with its default ``num_frames=-1``); each file holds ``num_frames + 2`` frames so that both
-  readers have the first ``num_frames`` (ours cuts clip 0 of each file: ``data.clip_stride`` defaults to one clip).
-  Upstream's GIF reader crashes in 0.5.1, hence MP4.
+  decodes (``frames[:-1]``), then one more (``[:, :num_frames]`` with its default ``num_frames=-1``); each file
+  holds ``num_frames + 2`` frames so that both readers have the first ``num_frames`` (ours cuts clip 0 of each
+  file: ``data.clip_stride`` defaults to one clip). Upstream's GIF reader crashes in 0.5.1, hence MP4.
 * ``train/`` and ``val/`` subfolders: our loop's split (``data=folder``); upstream's trainer is given ``train/``.
 """
 
