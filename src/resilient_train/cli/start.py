@@ -5,7 +5,8 @@ the checks of the checkpoint against this process (:mod:`..resume.admit`) and th
 all run before anything in the run directory changes; a refusal leaves it as it was (the lock
 file aside). Once every rank has accepted: the log file opens, crash leftovers are removed, the
 timeline is taken over (:mod:`..resume.timeline`), the best pointer is repaired, ``config.yaml``
-and ``.hydra/`` are written, and ``train.start`` is logged.
+and ``.hydra/`` are written, the data's probe cache is saved (``data_probes.json``, read by every rank
+while building, see :mod:`..data.probes`), and ``train.start`` is logged.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from .. import startup
 from ..checkpoint import CheckpointError
 from ..config import flatten, to_plain, typed, validate_config
 from ..data.loader import build_data
+from ..data.probes import ProbeCache
 from ..dist import Group
 from ..fsio import atomic_write
 from ..resume.admit import admit
@@ -58,7 +60,7 @@ def start(
     refusal leaves it as it was (the lock file aside). Once accepted: the log file opens, crash
     leftovers are removed, checkpoints that failed validation and later ones of a forked timeline
     are set aside, history is cut back, the best pointer is repaired, ``config.yaml`` and
-    ``.hydra/`` are written.
+    ``.hydra/`` are written, and rank 0 saves the probe cache the data index read and filled.
 
     With ranks: rank 0 takes the lock and chooses the checkpoint, and tells the others; every rank
     then builds its trainer and restores; if any rank refuses, all do.
@@ -82,11 +84,12 @@ def start(
     if choice["refused"]:
         raise StartupError(f"rank 0 refused the start: {choice['refused']}")
     trainer, refused = None, None
+    probes = ProbeCache.in_run(run_dir)  # read by the data index on every rank; written below, once accepted
     try:
         if plan is None:
             plan = plan_chosen(cfg, overrides, choice["path"], g.rank)
         startup.mark("read_verify")
-        trainer = _build(plan, run_dir, g)
+        trainer = _build(plan, run_dir, g, probes)
     except REFUSALS as exc:
         refused = exc
     others = [r for r in g.all_gather(f"rank {g.rank}: {refused}" if refused else None) if r]
@@ -99,6 +102,7 @@ def start(
         log_file.open(run_dir / log_file.filename)
     if g.is_main:
         _take_over(run_dir, plan, trainer, cfg, overrides)
+        probes.save()  # only when it changed; a cache that cannot be written is logged, never fatal
     g.barrier()  # the timeline is taken over before any rank writes its history
     t = trainer.cfg.trainer
     resumed = plan.loaded.path if plan.loaded else None
@@ -158,7 +162,7 @@ def _take_over(run_dir: Path, plan: ResumePlan, trainer: Trainer, cfg: DictConfi
         atomic_write(hydra_dir / "hydra.yaml", OmegaConf.to_yaml({"hydra": HydraConfig.get()}))
 
 
-def _build(plan: ResumePlan, run_dir: Path, g: Group) -> Trainer:
+def _build(plan: ResumePlan, run_dir: Path, g: Group, probes: ProbeCache | None = None) -> Trainer:
     """This rank's trainer, restored from the plan's checkpoint (if any); every refusal is raised here."""
     validate_config(plan.cfg)
     cfg = typed(plan.cfg)
@@ -171,7 +175,7 @@ def _build(plan: ResumePlan, run_dir: Path, g: Group) -> Trainer:
     check_precision(cfg.trainer.precision, device)  # before the data and the model
     if cfg.trainer.compile:
         check_compile(device)
-    data = build_data(cfg.data, cfg.seed)  # a folder that cannot be used is refused before the model is built
+    data = build_data(cfg.data, cfg.seed, probes)  # a folder that cannot be used is refused before the model is built
     startup.mark("data")
     changes = list(plan.changes)
     if plan.loaded is not None:

@@ -4,10 +4,11 @@ Owns: the built-in synthetic video (:mod:`.synthetic`), the resumable samplers a
 (:mod:`.loader`: one seeded permutation per epoch, a rank's slice of each global batch, a start
 mid-epoch), and folders of real videos: one file (:mod:`.video`: probe, seek-and-decode,
 resize/crop, writing one), the clips of files and their cache (:mod:`.clips`), the files of a
-folder, the split and the folder datasets (:mod:`.folder`), and the data fingerprint
-(:mod:`.fingerprint`).
+folder, the split and the folder datasets (:mod:`.folder`), the probes kept beside the run
+(:mod:`.probes`: ``RUN/data_probes.json``), and the data fingerprint (:mod:`.fingerprint`).
 
-May import: the base (``fsio``) and ``config``. Nothing that trains.
+May import: the base (``fsio``), the checkpoint layout's torch-free ``read_small_json`` (for the
+probe cache) and ``config``. Nothing that trains.
 """
 
 from .._imports import lazy
@@ -26,6 +27,7 @@ _LAZY = {
     "write_video": "video",
     "Preprocessing": "clips",
     "VideoClips": "clips",
+    "ProbeCache": "probes",
     "build_folder_datasets": "folder",
     "clips_of": "folder",
     "in_val": "folder",

@@ -2,7 +2,8 @@
 
 Owns :func:`build_folder_datasets` (``(train, val, fingerprint)`` for ``data=folder``, called by
 :func:`~.loader.build_data`) and :func:`clips_of` (every clip of the files and folders a tool
-names, no split). Every file is probed once at start-up (:func:`~.video.probe`: no decoding); a
+names, no split). Every file is probed once at start-up (:func:`~.video.probe`: no decoding), or its
+probe taken from the run's probe cache (:mod:`.probes`) when the file is the one probed before; a
 file that cannot be read is refused by name, or skipped and recorded with
 ``data.skip_bad_files=true``; files shorter than one clip are skipped and counted. The clips are
 :class:`~.clips.VideoClips`; the fingerprint of the files is :mod:`.fingerprint`.
@@ -23,6 +24,7 @@ import xxhash
 
 from .clips import Preprocessing, VideoClips
 from .fingerprint import fingerprint
+from .probes import Probe, ProbeCache
 from .video import VideoFile, VideoReadError, content_hash, probe, short_error
 
 __all__ = ["DEFAULT_EXTENSIONS", "build_folder_datasets", "clips_of", "in_val", "list_videos"]
@@ -50,14 +52,29 @@ def in_val(rel: str, val_fraction: float) -> bool:
     return xxhash.xxh3_64(rel.encode()).intdigest() / 2.0**64 < val_fraction
 
 
-def _probe_all(folder: str, rels: list[str], skip_bad: bool) -> tuple[list[VideoFile], list[list[str]]]:
+def _probe_one(path: str, probes: ProbeCache | None) -> tuple[int, str, Probe]:
+    """``(size, digest, probe)`` of one file, the probe from ``probes`` when it holds this very file."""
+    if probes is None:
+        size = os.path.getsize(path)
+        digest = content_hash(path, size)
+        return size, digest, probe(path)
+    st = os.stat(path)  # before hashing and probing: a file changed meanwhile does not match its entry next time
+    digest = content_hash(path, st.st_size)
+    found = probes.get(path, st.st_size, st.st_mtime_ns, digest)
+    if found is None:
+        found = probe(path)
+        probes.put(path, st.st_size, st.st_mtime_ns, digest, found)
+    return st.st_size, digest, found
+
+
+def _probe_all(
+    folder: str, rels: list[str], skip_bad: bool, probes: ProbeCache | None = None
+) -> tuple[list[VideoFile], list[list[str]]]:
     files, bad = [], []
     for rel in rels:
         path = os.path.join(folder, rel)
         try:
-            size = os.path.getsize(path)
-            digest = content_hash(path, size)
-            frames, fps, w, h, pts = probe(path)
+            size, digest, (frames, fps, w, h, pts) = _probe_one(path, probes)
         except Exception as exc:  # PyAV raises its own errors for a damaged container
             why = short_error(exc).replace(path, rel)  # the fingerprint must not depend on where the data is
             if not skip_bad:
@@ -71,8 +88,11 @@ def _probe_all(folder: str, rels: list[str], skip_bad: bool) -> tuple[list[Video
     return files, bad
 
 
-def build_folder_datasets(d: Any) -> tuple[VideoClips, VideoClips, dict[str, Any]]:
-    """``(train, val, fingerprint)`` for ``data=folder``; each problem is a ``ValueError`` naming the folder or file."""
+def build_folder_datasets(d: Any, probes: ProbeCache | None = None) -> tuple[VideoClips, VideoClips, dict[str, Any]]:
+    """``(train, val, fingerprint)`` for ``data=folder``; each problem is a ``ValueError`` naming the folder or file.
+
+    ``probes``: the run's probe cache (:mod:`.probes`), read and filled here, never written (the caller saves it
+    once the start is accepted); ``None`` probes every file."""
     # Long on purpose: the steps in order (list, split, probe, index, fingerprint), each with its refusal.
     root = str(d.path)
     if not os.path.isdir(root):
@@ -110,8 +130,8 @@ def build_folder_datasets(d: Any) -> tuple[VideoClips, VideoClips, dict[str, Any
                     else "; with few files, raise data.val_fraction or use train/ and val/ subfolders or data.val_path"
                 )
             )
-    train_files, train_bad = _probe_all(train_dir, train_rels, bool(d.skip_bad_files))
-    val_files, val_bad = _probe_all(val_dir, val_rels, bool(d.skip_bad_files))
+    train_files, train_bad = _probe_all(train_dir, train_rels, bool(d.skip_bad_files), probes)
+    val_files, val_bad = _probe_all(val_dir, val_rels, bool(d.skip_bad_files), probes)
     cache_dir = str(d.cache_dir) if d.cache_dir else ""
     if str(d.cache) == "disk" and not cache_dir:
         base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
@@ -141,6 +161,8 @@ def build_folder_datasets(d: Any) -> tuple[VideoClips, VideoClips, dict[str, Any
                 f"(frame_step={prep.frame_step}: {prep.span} frames of a file) among {len(rels)} file(s): "
                 + ("add longer videos, or lower data.num_frames / data.frame_step" if rels else "it has no files")
             )
+    if probes is not None:
+        log.info("data.probes cached=%d probed=%d path=%s", probes.cached, probes.probed, probes.path)
     return train, val, fingerprint(train_files, val_files, train_bad + val_bad, how, prep)
 
 

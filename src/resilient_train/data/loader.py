@@ -17,12 +17,15 @@ from __future__ import annotations
 import logging
 import multiprocessing
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .synthetic import SyntheticVideoDataset, check_positive, mix_seed
+
+if TYPE_CHECKING:
+    from .probes import ProbeCache
 
 __all__ = [
     "ResumableSampler",
@@ -134,9 +137,12 @@ def _cfg_get(cfg: Any, key: str, default: Any = _MISSING) -> Any:
     return value
 
 
-def build_data(data_cfg: Any, seed: int) -> tuple[Dataset, Dataset, dict[str, Any] | None]:
+def build_data(
+    data_cfg: Any, seed: int, probes: ProbeCache | None = None
+) -> tuple[Dataset, Dataset, dict[str, Any] | None]:
     """The (train, val) datasets described by the ``data`` config group, and the data's fingerprint
-    (``None`` for synthetic data: the config alone determines it)."""
+    (``None`` for synthetic data: the config alone determines it). ``probes``: the run's probe cache
+    (:mod:`.probes`) for ``data=folder``, read and filled, never written here."""
     name = _cfg_get(data_cfg, "name")
     if name == "folder":
         from .folder import build_folder_datasets
@@ -144,7 +150,7 @@ def build_data(data_cfg: Any, seed: int) -> tuple[Dataset, Dataset, dict[str, An
         path = _cfg_get(data_cfg, "path", None)
         if path is None or str(path) in ("", "???"):
             raise ValueError("data.path must name a folder of videos when data.name='folder'")
-        return build_folder_datasets(data_cfg)
+        return build_folder_datasets(data_cfg, probes)
     if name != "synthetic":
         raise ValueError(f"unknown data.name {name!r}; expected 'synthetic' or 'folder'")
     common = dict(
