@@ -28,7 +28,6 @@ from resilient_train.checkpoint import safetensors_io
 from resilient_train.checkpoint.files import FileWriter, iter_files, load_checkpoint, verify_files
 from resilient_train.checkpoint.manifest import MANIFEST, STATE_JSON, CheckpointError, manifest_bytes
 from resilient_train.checkpoint.safetensors_io import (
-    _SMALL,
     _ST_DTYPES,
     read_tensors,
     safetensors_payload,
@@ -87,7 +86,7 @@ def _zoo(dtype: torch.dtype, seed: int = 0) -> dict[str, torch.Tensor]:
     shared = _random(dtype, (5,), gen)
     zoo = {
         "plain": _random(dtype, (3, 5), gen),
-        "big": _random(dtype, (_SMALL // dtype.itemsize + 3,), gen),  # read into a buffer of its own
+        "big": _random(dtype, ((1 << 20) // dtype.itemsize + 3,), gen),  # more than one read chunk
         "scalar": _random(dtype, (), gen),
         "empty": _random(dtype, (0, 4), gen),
         "empty_1d": _random(dtype, (0,), gen),
@@ -216,6 +215,31 @@ def test_library_files_load_with_our_fast_reader_bit_for_bit(tmp_path, dtype):
     assert got is not None, "the fast reader gave up on a file the library wrote"
     _assert_all_same(got, tensors)
     assert digest == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_each_tensor_read_has_a_storage_of_its_own_that_torch_rng_accepts(tmp_path):
+    """The reader makes every tensor over its bytes of one buffer, yet each starts its own storage: a slice
+    of the buffer (storage offset > 0) makes ``torch.set_rng_state`` read a neighbour's bytes (measured:
+    "Invalid mt19937 state", and a segfault after an in-process rollback)."""
+    rng = torch.get_rng_state()
+    tensors = {"a_before": torch.arange(7, dtype=torch.uint8), "rng": rng, "z_after": torch.ones(3, dtype=torch.uint8)}
+    path = tmp_path / "rng.safetensors"
+    _write_payload(path, safetensors_payload("rng.safetensors", tensors))
+    got, _ = _fast_read(path)
+    assert got is not None
+    _assert_all_same(got, tensors)
+    for name, t in got.items():
+        assert t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size(), name
+    before = torch.get_rng_state()
+    torch.set_rng_state(got["rng"])  # raises on a slice of a bigger storage
+    assert torch.equal(torch.get_rng_state(), rng)
+    torch.set_rng_state(before)
+    # The control: the same bytes as a slice of the whole buffer are refused by torch.
+    data = torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)
+    start = len(path.read_bytes()) - rng.numel() - 3
+    assert torch.equal(data[start : start + rng.numel()], rng)
+    with pytest.raises(RuntimeError, match="mt19937"):
+        torch.set_rng_state(data[start : start + rng.numel()])
 
 
 @pytest.mark.parametrize("dtype", list(_SPECIAL_BITS), ids=str)

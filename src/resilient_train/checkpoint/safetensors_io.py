@@ -3,7 +3,8 @@
 Writing never builds a file in memory: a file is its header followed by each tensor's own memory
 (a zero-copy view of a contiguous CPU tensor), handed to ``os.writev`` (:func:`write_pieces`), and
 its hash can be computed from that same memory, so nothing is copied, joined or read back.
-Reading (:func:`read_tensors`) goes straight into one buffer per tensor, hashing as it reads.
+Reading (:func:`read_tensors`) goes straight into one buffer per file, hashing as it reads; each
+tensor is made over its bytes, in a storage of its own.
 
 The files are plain safetensors, readable by ``safetensors.torch.load`` and by earlier versions of
 this package. Tensors of a type outside :data:`_ST_DTYPES`, or a big-endian machine, send the whole
@@ -49,7 +50,6 @@ _ST_DTYPES: dict[torch.dtype, str] = {
 _ST_CODES = {code: dtype for dtype, code in _ST_DTYPES.items()}
 _FAST = sys.byteorder == "little"  # safetensors is little-endian: raw tensor memory is the file's bytes
 _CHUNK = 1 << 20  # read granularity: a chunk hashed right after it is read is still in the CPU cache
-_SMALL = 1 << 16  # tensors smaller than this are read together with their neighbours
 _IOV_MAX = 1024  # buffers per writev (Linux's IOV_MAX)
 _MAX_IOV_BYTES = 1 << 30  # bytes per buffer (some systems refuse a writev of 2 GiB or more)
 _MAX_HEADER = 100_000_000  # the safetensors library's own limit on the JSON header
@@ -192,19 +192,20 @@ def _parse_header(raw: bytes, data_len: int) -> list[tuple[int, int, str, torch.
     entries = []
     for key, info in header.items():
         if key == "__metadata__":
-            if not isinstance(info, dict) or not all(isinstance(v, str) for v in info.values()):
+            if type(info) is not dict or not all(type(v) is str for v in info.values()):
                 return None
             continue
-        if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+        if type(info) is not dict or len(info) != 3:
             return None
-        dtype = _ST_CODES.get(info["dtype"]) if isinstance(info["dtype"], str) else None
-        shape, offsets = info["shape"], info["data_offsets"]
-        if dtype is None or not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        try:
+            dtype, shape, (begin, end) = _ST_CODES[info["dtype"]], info["shape"], info["data_offsets"]
+        except (KeyError, TypeError, ValueError):  # a missing key, an unknown or unhashable dtype, not 2 offsets
             return None
-        if not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets):
+        if type(shape) is not list or type(begin) is not int or type(end) is not int:
             return None
-        begin, end = offsets
-        if not 0 <= begin <= end <= data_len or end - begin != math.prod(shape) * dtype.itemsize:
+        if not all(type(d) is int and d >= 0 for d in shape) or not 0 <= begin <= end <= data_len:
+            return None
+        if end - begin != math.prod(shape) * dtype.itemsize:
             return None
         entries.append((begin, end, key, dtype, shape))
     entries.sort(key=lambda e: (e[0], e[1], e[2]))
@@ -216,15 +217,37 @@ def _parse_header(raw: bytes, data_len: int) -> list[tuple[int, int, str, torch.
     return entries if pos == data_len else None
 
 
-def _as_tensor(buf: np.ndarray, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
-    if not buf.size:
-        return torch.empty(shape, dtype=dtype)
-    return torch.from_numpy(buf).view(dtype).reshape(shape)
+def _tensors(data: np.ndarray, entries: list[tuple[int, int, str, torch.dtype, list[int]]]) -> dict[str, torch.Tensor]:
+    """Each entry's tensor over its bytes of ``data`` (the file's data section), without a copy.
+
+    Each tensor gets a storage of its own that starts at its first byte (``storage_offset() == 0``,
+    exactly its bytes): some of torch's consumers read a storage from its start whatever the
+    offset (``torch.set_rng_state`` and ``Generator.set_state`` do, measured on torch 2.14), so a
+    slice of one big tensor would hand them a neighbour's bytes. A tensor not starting at a multiple
+    of its element size (a file from another writer; this package's writer aligns every tensor) is
+    copied instead.
+    """
+    out = {}
+    for begin, end, key, dtype, shape in entries:
+        if begin == end:
+            out[key] = torch.empty(shape, dtype=dtype)
+        elif begin % dtype.itemsize:
+            out[key] = torch.frombuffer(data, dtype=torch.uint8, count=end - begin, offset=begin).clone()
+            out[key] = out[key].view(dtype).view(shape)
+        else:
+            n = (end - begin) // dtype.itemsize
+            out[key] = torch.frombuffer(data, dtype=dtype, count=n, offset=begin).view(shape)
+    return out
 
 
 def read_tensors(f: Any, size: int, digest: Any) -> dict[str, torch.Tensor] | None:
-    """Read the safetensors file open (unbuffered) as ``f``, ``size`` bytes long, into one buffer per
-    tensor, feeding every byte to ``digest`` (a hash object with ``update``, :mod:`.hashing`) as it goes.
+    """Read the safetensors file open (unbuffered) as ``f``, ``size`` bytes long, feeding every byte to
+    ``digest`` (a hash object with ``update``, :mod:`.hashing`) as it goes.
+
+    The data goes straight into one buffer allocated for the whole file (numpy backs a large one with
+    huge pages, so it is page-faulted in a few hundred faults, not one per 4 KiB), and each tensor
+    is made over its bytes (:func:`_tensors`): nothing is copied after the read, and the buffer lives
+    as long as any of the file's tensors does.
 
     ``None`` when the file is not one this reader handles, is shorter or longer than ``size``, or
     this machine is big-endian: the caller then reads the file the original way
@@ -241,25 +264,10 @@ def read_tensors(f: Any, size: int, digest: Any) -> dict[str, torch.Tensor] | No
         entries = _parse_header(_read_exact(f, n, digest), size - 8 - n)
         if entries is None:
             return None
-        tensors: dict[str, torch.Tensor] = {}
-        i = 0
-        while i < len(entries):
-            begin, end, key, dtype, shape = entries[i]
-            if end - begin >= _SMALL:
-                buf = np.empty(end - begin, dtype=np.uint8)
-                _readinto_hashing(f, memoryview(buf), digest)
-                tensors[key] = _as_tensor(buf, dtype, shape)
-                i += 1
-                continue
-            j = i  # a run of small tensors: one read, then each gets its own copy
-            while j < len(entries) and entries[j][1] - entries[j][0] < _SMALL and entries[j][1] - begin <= _CHUNK:
-                j += 1
-            stop = entries[j - 1][1]
-            run = np.empty(stop - begin, dtype=np.uint8)
-            _readinto_hashing(f, memoryview(run), digest)
-            for b, e, k, dt, sh in entries[i:j]:
-                tensors[k] = _as_tensor(run[b - begin : e - begin].copy(), dt, sh)
-            i = j
+        data = np.empty(size - 8 - n, dtype=np.uint8)
+        _readinto_hashing(f, memoryview(data), digest)
     except _Truncated:
         return None
-    return None if f.read(1) else tensors  # (more bytes: the file grew while being read)
+    if f.read(1):  # the file grew while being read
+        return None
+    return _tensors(data, entries)
