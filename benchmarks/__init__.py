@@ -1,8 +1,9 @@
 """`make bench`: what the durable checkpoints and the training loop cost, measured side by side.
 
 Every ratio compares our code with a baseline measured in the same run, on the same state, with
-the repetitions of the two interleaved (the order rotates each repetition) and the median taken,
-so load from other processes on the machine hits both sides alike. The state is the magvit64
+the repetitions of the two interleaved (the order rotates each repetition), so load from other
+processes on the machine hits both sides alike; the verdict is the median of at least five such
+pairs' ratios, printed with their spread and the load average (:mod:`benchmarks.verdict`). The state is the magvit64
 job's (``Trainer.state_dict()`` after one optimizer step, so AdamW moments exist).
 
   save_vs_raw_fsync        CheckpointManager.save (sync) / the same encoded bytes written with
@@ -19,6 +20,12 @@ job's (``Trainer.state_dict()`` after one optimizer step, so AdamW moments exist
                            via `python -m resilient_train.cli`, resuming / starting fresh
   resume_vs_floor          the same resume / a bare `python -c` importing torch and magvit2-pytorch and
                            building the model (what any restart pays); beside it, the resume.timing phases
+  resume_vs_floor_with_step  the same resume / that floor followed by one plain training step of the job
+  rollback_vs_restart      a NaN at the resumed run's first step: fault -> that step computed again after the
+                           in-process rollback / the restart's Popen -> first new step (reported)
+  goodput_chaos_vs_reference  one `python -m resilient_train.chaos` trial: the undisturbed arm's wall time / the
+                           disturbed arm's; beside it useful / computed steps and, per fault kind, fault -> first
+                           new step (reported)
   save_every_step_vs_never_tiny, save_every_step_vs_never_magvit64
                            wall time of Trainer.fit checkpointing every step (async) / never
   folder_vs_synthetic_tiny, folder_vs_synthetic_magvit64
@@ -55,7 +62,7 @@ with the ratios, the absolute seconds and bytes behind each, every sample, and t
 measurement: ``save_load`` (save_*, load_*), ``hash_throughput`` (GB/s of each hash, no ratio),
 ``async_stall``, ``loop`` (loop_vs_bare_*, save_every_step_vs_never_*), ``remote`` (the object store's four rows),
 ``precision`` (precision_*),
-``resume``, ``folder``, ``ranks``;
-beside them ``timing`` (how everything is timed), ``report`` (targets, table, JSON) and ``jobs`` (what they
-run). ``python -m benchmarks.gpu`` is the GPU bench of ``scripts/gpu_check.sh``.
+``resume``, ``recovery`` (rollback_vs_restart, goodput_*), ``folder``, ``ranks``;
+beside them ``timing`` (how everything is timed), ``verdict`` (the median of the pairs), ``report`` (targets,
+table, JSON) and ``jobs`` (what they run). ``python -m benchmarks.gpu`` is the GPU bench of ``scripts/gpu_check.sh``.
 """

@@ -68,6 +68,7 @@ def bench_ranks(work: Path, pairs: int, steps: int) -> dict[str, Result]:
         "ours": "torchrun --nproc-per-node 2: tiny, data.batch_size=1 per rank, 1 thread per rank",
         "baseline": "one process: tiny, data.batch_size=2, 2 threads",
         "parity": 1.0,
+        "pair_ratios": [a / b for a, b in zip(two, one)],
     }
     save_entry = {
         "ours_s": median(save2),

@@ -286,7 +286,7 @@ def bench_remote(trainer, work: Path, reps: int, quick: bool) -> dict[str, Resul
         ckpt = run_base(work / "base", 1)
         out.update(bench_upload(s3, ckpt, reps))
         out.update(bench_download(s3, ckpt, work, reps))
-        out.update(bench_recovery(s3, ckpt, work, 1 if quick else 3, budget_s=150))
+        out.update(bench_recovery(s3, ckpt, work, 1 if quick else 5, budget_s=150))
         stall = dict(every=3, saves=1, pairs=1 if quick else 5)
         out.update(bench_stall(s3, trainer, **stall, budget_s=150))
     return out

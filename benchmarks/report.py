@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from benchmarks.verdict import MIN_PAIRS, judge, verdict
 from resilient_train.fsio import atomic_write
 
 TARGETS = {
@@ -29,6 +30,9 @@ TARGETS = {
     "async_stall_vs_sync": ("<=", 0.2),
     "resume_vs_fresh_start": ("<=", 1.05),
     "resume_vs_floor": ("<=", 1.3),
+    "resume_vs_floor_with_step": ("<=", 1.3),
+    "rollback_vs_restart": ("<=", None),  # reported: what an in-process rollback saves over a restart
+    "goodput_chaos_vs_reference": (">=", None),  # reported: one chaos trial, the faults its schedule picks
     "save_every_step_vs_never_tiny": ("<=", 1.5),
     "save_every_step_vs_never_magvit64": ("<=", 1.05),
     "folder_vs_synthetic_tiny": (">=", 0.9),
@@ -108,7 +112,12 @@ def build_report(
 ) -> dict[str, Any]:
     """The JSON report: every ratio with a target (and the headline ``loop_vs_bare``), every measurement."""
     measurements = {name: r.entry for name, r in results.items()}
-    ratios = {k: ratio_of(results[k]) for k in TARGETS if k in results}
+    ratios = {}
+    for k in TARGETS:
+        if k in results:  # the verdict: the median of the pairs' ratios (see benchmarks.verdict)
+            judged = judge(results[k].entry, ratio_of(results[k]))
+            ratios[k] = judged.pop("ratio")
+            measurements[k].update(judged)
     loops = [k for k in ("loop_vs_bare_tiny", "loop_vs_bare_magvit64") if k in ratios]
     if loops:  # the headline loop ratio: the worse of the two models
         worst = min(loops, key=ratios.get)
@@ -160,11 +169,16 @@ def print_table(report: dict[str, Any]) -> None:
             f"note: load average {m['loadavg_start'][0]:.1f} at the start on {m['cpus_usable']} cpus: other processes "
             "were running, so every number is noisier (see loadavg_1min beside each result in the JSON)"
         )
-    print(f"{'ratio':34} {'value':>7} {'target':>8} {'ok':>3}  {'ours':>12} {'baseline':>12} {'MB':>7}  floor")
+    print(
+        f"{'ratio':34} {'value':>7} {'target':>8} {'ok':>4} {'pairs':>5} {'spread':>13} {'load':>9}  "
+        f"{'ours':>12} {'baseline':>12} {'MB':>7}  floor"
+    )
     for name, value in report["ratios"].items():
         e = report["measurements"][name]
         op, tgt = TARGETS[name]
-        ok = "" if tgt is None else ("yes" if (value <= tgt if op == "<=" else value >= tgt) else "NO")
+        ok = verdict(value, op, tgt, e.get("pairs", 0))
+        spread = f"{e['spread'][0]:.2f}-{e['spread'][1]:.2f}" if e.get("spread") else ""
+        load = "{:.1f}->{:.1f}".format(*e["loadavg_1min"]) if "loadavg_1min" in e else ""
         if "ours_s" in e:
             a, b = f"{e['ours_s']:.3f}s", f"{e['baseline_s']:.3f}s"
         else:
@@ -176,5 +190,10 @@ def print_table(report: dict[str, Any]) -> None:
             mb = f"{e['peak_rss_bytes'] / 1e6:.0f}" if "peak_rss_bytes" in e else ""
             floor = f"  kernel {e['kernel']:.3f} (warm-up {e['warmup_s']:.0f}s)"
         print(
-            f"{name:34} {value:7.3f} {'' if tgt is None else f'{op}{tgt}':>8} {ok:>3}  {a:>12} {b:>12} {mb:>7}{floor}"
+            f"{name:34} {value:7.3f} {'' if tgt is None else f'{op}{tgt}':>8} {ok:>4} {e.get('pairs', 0):>5} "
+            f"{spread:>13} {load:>9}  {a:>12} {b:>12} {mb:>7}{floor}"
         )
+    print(
+        f"value: the median of the pairs' ratios; spread: the lowest and highest pair; load: the 1-minute load average "
+        f"before and after the section; '?': fewer than {MIN_PAIRS} pairs, a value but not a verdict"
+    )

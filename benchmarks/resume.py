@@ -5,7 +5,9 @@ trained step of the magvit64 job (65.5 MB state) via ``python -m resilient_train
 builds the same model (what any restart must pay; the first step's own seconds are not in it). Beside it, the
 median of each phase of the resumes' ``resume.timing`` lines (:mod:`resilient_train.startup`) and
 ``before_first_step_vs_floor``: the resume up to its first step, over the floor (a magvit64 step on 2 CPU cores,
-about 2 s, is most of what separates the two)."""
+about 2 s, is most of what separates the two). ``resume_vs_floor_with_step``: the same resume / that floor
+followed by one training step written plainly, the least any restart can do before its first new step.
+``rollback_vs_restart`` (:mod:`benchmarks.recovery`): its runs are one more arm of the same rotation."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import time
 from pathlib import Path
 
 from benchmarks.jobs import TRAIN_CMD, train_env
+from benchmarks.recovery import rollback_result, time_rollback
 from benchmarks.report import Result
 from benchmarks.timing import median, say, within_budget
 from resilient_train.monitor import read_history
@@ -78,6 +81,35 @@ def floor_command() -> list[str]:
     return [sys.executable, "-c", code]
 
 
+def floor_step_command() -> list[str]:
+    """The floor with the step: the same imports and model, then one training step of the job written plainly
+    (generator loss, backward, AdamW; the discriminator's loss, backward, AdamW) on a random clip of its shape."""
+    from resilient_train.config import compose, typed
+    from resilient_train.tokenizer.model import model_kwargs
+
+    cfg = typed(compose([f"+experiment={RESUME_EXPERIMENT}"]))
+    d, m = cfg.data, cfg.model
+    shape = (int(d.batch_size), int(d.channels), int(d.num_frames), int(d.image_size), int(d.image_size))
+    vcff = bool(m.video_contains_first_frame)
+    code = "\n".join(
+        [
+            "from math import inf",
+            "import torch, magvit2_pytorch",
+            f"torch.set_num_threads({int(cfg.trainer.num_threads)})",
+            f"m = magvit2_pytorch.VideoTokenizer(**{model_kwargs(m)!r})",
+            f"v = torch.rand{shape!r}",
+            f"loss, _ = m(v, return_loss=True, video_contains_first_frame={vcff})",
+            "loss.backward()",
+            "torch.optim.AdamW(m.parameters()).step()",
+            f"d, _ = m(v, return_discr_loss=True, apply_gradient_penalty=False, video_contains_first_frame={vcff})"
+            if m.use_gan
+            else "d = None",
+            "d is None or (d.backward(), torch.optim.AdamW(m.discr_parameters()).step())",
+        ]
+    )
+    return [sys.executable, "-c", code]
+
+
 def time_floor(cmd: list[str]) -> float:
     t0 = time.time()
     subprocess.run(cmd, check=True, capture_output=True, env=train_env())
@@ -93,19 +125,24 @@ def phases_of(log: Path) -> dict[str, float]:
 def bench_resume(work: Path, reps: int, budget_s: float, base_steps: int = 1) -> dict[str, Result]:
     base = work / "resume-base"
     ckpt = run_base(base, base_steps)
-    floor = floor_command()
-    fresh_t, resume_t, floor_t, load_s, reads, phases = [], [], [], [], [], []
+    floors = {"floor": floor_command(), "floor_step": floor_step_command()}
+    kinds = ("fresh", "resume", "floor", "floor_step", "rollback")
+    t: dict[str, list[float]] = {k: [] for k in kinds}
+    load_s, reads, phases, rollbacks = [], [], [], []
     for r in within_budget(reps, budget_s, "resume"):
-        for kind in ("fresh", "resume", "floor")[r % 3 :] + ("fresh", "resume", "floor")[: r % 3]:
+        for kind in kinds[r % len(kinds) :] + kinds[: r % len(kinds)]:
             run = work / f"{kind}-{r}"
             log = work / f"{kind}-{r}.log"
-            if kind == "floor":
-                floor_t.append(time_floor(floor))
+            if kind in floors:
+                t[kind].append(time_floor(floors[kind]))
             elif kind == "fresh":
-                fresh_t.append(time_to_step(run, train_args(run, "trainer.max_steps=20"), 1, log))
+                t[kind].append(time_to_step(run, train_args(run, "trainer.max_steps=20"), 1, log))
+            elif kind == "rollback":
+                args = train_args(run, "resume_from=auto", "trainer.max_steps=20")
+                rollbacks.append(time_rollback(base, run, args, base_steps + 1, log))
             else:
                 shutil.copytree(base, run)
-                resume_t.append(
+                t[kind].append(
                     time_to_step(run, train_args(run, "resume_from=auto", "trainer.max_steps=20"), base_steps + 1, log)
                 )
                 phases.append(phases_of(log))
@@ -115,33 +152,38 @@ def bench_resume(work: Path, reps: int, budget_s: float, base_steps: int = 1) ->
                     if ("ckpt.read " in line or "ckpt.load " in line) and "secs=" in line:
                         load_s.append(float(line.rsplit("secs=", 1)[1].split()[0]))
             shutil.rmtree(run, ignore_errors=True)
-    say(f"  resume done: resume {median(resume_t):.2f}s fresh {median(fresh_t):.2f}s floor {median(floor_t):.2f}s")
+    resume_t, fresh_t, floor_t, step_t = t["resume"], t["fresh"], t["floor"], t["floor_step"]
+    rolled = median([x["fault_to_new_step_s"] for x in rollbacks])
+    say(
+        f"  resume done: resume {median(resume_t):.2f}s fresh {median(fresh_t):.2f}s floor {median(floor_t):.2f}s "
+        f"floor with a step {median(step_t):.2f}s; rollback {rolled:.2f}s"
+    )
     phase_medians = {k: median([p[k] for p in phases if k in p]) for k in phases[0]}
     before_step = median([p["total"] - p["first_step"] for p in phases])  # the floor holds no training step
     say("  resume phases (median s): " + " ".join(f"{k}={v:.2f}" for k, v in phase_medians.items()))
     say(f"  resume before its first step: {before_step:.2f}s (floor {median(floor_t):.2f}s)")
-    pair_ratios = [r / f for r, f in zip(resume_t, fresh_t)]  # adjacent runs: the same load on both
+    ours = (
+        f"resilient_train.cli +experiment={RESUME_EXPERIMENT} resume_from=auto (checkpoint at step "
+        f"{base_steps}): Popen -> step {base_steps + 1} recorded"
+    )
     entry = {
         "ours_s": median(resume_t),
         "baseline_s": median(fresh_t),
         "ours_samples_s": resume_t,
         "baseline_samples_s": fresh_t,
         "ours_bytes": sum(p.stat().st_size for p in ckpt.rglob("*") if p.is_file()),
-        "ours": f"resilient_train.cli +experiment={RESUME_EXPERIMENT} resume_from=auto (checkpoint at step "
-        f"{base_steps}): Popen -> step {base_steps + 1} recorded",
+        "ours": ours,
         "baseline": f"resilient_train.cli +experiment={RESUME_EXPERIMENT}, fresh run dir: Popen -> step 1 recorded",
         "checkpoint_read_and_load_s_in_log": sum(load_s) / len(resume_t) if load_s else None,
         "checkpoint_reads_per_resume": reads,
         "ratio_is": "median over adjacent (resume, fresh) pairs of resume seconds / fresh seconds",
-        "pair_ratios": pair_ratios,
     }
-    floor_ratios = [r / f for r, f in zip(resume_t, floor_t)]
     floor_entry = {
         "ours_s": median(resume_t),
         "baseline_s": median(floor_t),
         "ours_samples_s": resume_t,
         "baseline_samples_s": floor_t,
-        "ours": entry["ours"],
+        "ours": ours,
         "baseline": f"python -c 'import torch, magvit2_pytorch; VideoTokenizer(**{RESUME_EXPERIMENT} kwargs)': "
         "Popen -> exit",
         "phases_median_s": phase_medians,
@@ -149,9 +191,24 @@ def bench_resume(work: Path, reps: int, budget_s: float, base_steps: int = 1) ->
         "before_first_step_vs_floor": before_step / median(floor_t),
         "phases_samples_s": phases,
         "ratio_is": "median over adjacent (resume, floor) pairs of resume seconds / floor seconds",
-        "pair_ratios": floor_ratios,
+    }
+    step_entry = {
+        **{k: floor_entry[k] for k in ("ours_s", "ours_samples_s", "ours")},
+        "baseline_s": median(step_t),
+        "baseline_samples_s": step_t,
+        "baseline": "the floor, then one training step of the job written plainly (generator and discriminator "
+        "losses, backward, AdamW) on a random clip: Popen -> exit",
+        "ratio_is": "median over adjacent (resume, floor with a step) pairs of their seconds",
     }
     return {
-        "resume_vs_fresh_start": Result(entry, ratio=median(pair_ratios)),
-        "resume_vs_floor": Result(floor_entry, ratio=median(floor_ratios)),
+        "resume_vs_fresh_start": Result(entry),
+        "resume_vs_floor": Result(floor_entry),
+        "resume_vs_floor_with_step": Result(step_entry),
+        "rollback_vs_restart": rollback_result(
+            rollbacks,
+            resume_t,
+            f"in-process rollback: a NaN injected at step {base_steps + 1} of the resumed run (chaos.nan_steps); "
+            "from the fault to the end of that step computed again",
+            "the restart above: Popen -> first new step",
+        ),
     }

@@ -25,6 +25,7 @@ from benchmarks.jobs import LOOP_OVERRIDES  # noqa: E402
 from benchmarks.loop import bench_loop, bench_save_often  # noqa: E402
 from benchmarks.precision import bench_precision  # noqa: E402
 from benchmarks.ranks import bench_ranks  # noqa: E402
+from benchmarks.recovery import bench_goodput  # noqa: E402
 from benchmarks.remote import bench_remote  # noqa: E402
 from benchmarks.report import Result, build_report, machine_info, write_report  # noqa: E402
 from benchmarks.resume import bench_resume  # noqa: E402
@@ -65,9 +66,9 @@ def run_sections(s: Sections, work: Path, q: bool, reps: int) -> None:
     s.run("save", "save / load", bench_save_load, trainer, work / "saveload", reps)
     s.run("hash", "hash throughput", bench_hash, trainer, work / "hash", reps)
     s.run("async", "async stall", bench_async, trainer, work / "async", reps)
-    loop = dict(n=2 if q else 3, pairs=1 if q else 3, budget_s=150)
+    loop = dict(n=2 if q else 3, pairs=1 if q else 5, budget_s=200)
     s.run("loop64", "loop: magvit64", bench_loop, trainer, "magvit64", **loop)
-    often = dict(n=2 if q else 4, pairs=1 if q else 2, budget_s=120)
+    often = dict(n=2 if q else 4, pairs=1 if q else 5, budget_s=200)
     s.run("often64", "checkpoint every step vs never: magvit64", bench_save_often, trainer, "magvit64", **often)
     title = "object store (moto's S3 server on 127.0.0.1) vs plain obstore and the local disk"
     s.run("remote", title, bench_remote, trainer, work / "remote", reps, q)
@@ -79,16 +80,18 @@ def run_sections(s: Sections, work: Path, q: bool, reps: int) -> None:
         tiny = Trainer(compose(["+experiment=tiny", *LOOP_OVERRIDES]), work / "tiny")
         loop = dict(n=10 if q else 20, pairs=2 if q else 6, budget_s=90)
         s.run("tiny", "loop: tiny", bench_loop, tiny, "tiny", **loop)
-        often = dict(n=10 if q else 20, pairs=2 if q else 4, budget_s=60)
+        often = dict(n=10 if q else 20, pairs=2 if q else 5, budget_s=90)
         s.run("often", "checkpoint every step vs never: tiny", bench_save_often, tiny, "tiny", **often)
         del tiny
     for name in ("tiny", "magvit64"):
         n = (6 if q else 12) if name == "tiny" else (3 if q else 4)
         title = f"real-video folder vs synthetic: {name}"
-        s.run("folder", title, bench_folder, work / f"folder-{name}", name, n=n, pairs=2 if q else 4, budget_s=150)
-    s.run("resume", "resume vs fresh start (subprocesses)", bench_resume, work / "resume", 1 if q else 4, budget_s=120)
+        s.run("folder", title, bench_folder, work / f"folder-{name}", name, n=n, pairs=2 if q else 5, budget_s=150)
+    title = "resume vs fresh start, the floors and an in-process rollback (subprocesses)"
+    s.run("resume", title, bench_resume, work / "resume", 1 if q else 5, budget_s=300)
+    s.run("goodput", "goodput: one chaos trial against its reference (subprocesses)", bench_goodput, work, q)
     title = "2 ranks under torchrun vs 1 process, same global batch (subprocesses)"
-    s.run("ranks", title, bench_ranks, work / "ranks", pairs=1 if q else 3, steps=12 if q else 40)
+    s.run("ranks", title, bench_ranks, work / "ranks", pairs=1 if q else 5, steps=12 if q else 40)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--only",
         default="",
-        help="sections: save,hash,async,loop64,often64,remote,precision,tiny,often,folder,resume,ranks (dev aid)",
+        help="sections: save,hash,async,loop64,often64,remote,precision,tiny,often,folder,resume,goodput,ranks "
+        "(dev aid)",
     )
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
