@@ -32,6 +32,8 @@ job's (``Trainer.state_dict()`` after one optimizer step, so AdamW moments exist
                            steps/s of Trainer.fit on a folder of real h264 videos (data.cache=disk, warm)
                            / on synthetic clips of the same shape; beside it, the cold first pass over
                            the folder (decode, resize, cache write) and a warm pass, per clip
+  folder_resume_cached_vs_probed  a magvit64 resume on that folder, its probes kept beside the run / the same
+                           with them removed; beside it both resume.timing phases (reported)
   ranks2_vs_1_steps_per_s  tiny, the same global batch (4 clips a step): steps/s of 2 ranks under
                            torchrun (1 thread each, DDP over gloo) / steps/s of 1 process (2 threads);
                            on one machine both use the same 2 cores for the same arithmetic: 1.0 is

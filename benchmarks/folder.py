@@ -4,6 +4,7 @@ first pass over the folder (decode, resize, cache write) and a warm pass, per cl
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -82,4 +83,42 @@ def bench_folder(work: Path, name: str, n: int, pairs: int, budget_s: float) -> 
         "warm_pass_s": warm,
         "warm_s_per_clip": warm / len(ds),
     }
-    return {f"folder_vs_synthetic_{name}": Result(entry, ratio=median(pair_ratios))}
+    out = {f"folder_vs_synthetic_{name}": Result(entry, ratio=median(pair_ratios))}
+    if name == "magvit64":
+        out["folder_resume_cached_vs_probed"] = folder_resume(work, folder_args, pairs)
+    return out
+
+
+def folder_resume(work: Path, folder_args: list[str], reps: int) -> Result:
+    """A magvit64 resume on the folder: its ``resume.timing`` phases with the probes kept beside the run
+    (``data_probes.json``) and with that file removed (every video probed again), interleaved."""
+    from benchmarks.resume import phases_of, run_base, time_to_step, train_args
+
+    base = work / "resume-base"
+    run_base(base, 1, *folder_args)
+    secs: dict[str, list[float]] = {"cached": [], "probed": []}
+    phases: dict[str, list[dict[str, float]]] = {"cached": [], "probed": []}
+    for r in range(reps):
+        for kind in ("cached", "probed") if r % 2 == 0 else ("probed", "cached"):
+            run, log = work / f"resume-{kind}-{r}", work / f"resume-{kind}-{r}.log"
+            shutil.copytree(base, run)
+            if kind == "probed":
+                (run / "data_probes.json").unlink()
+            args = train_args(run, "resume_from=auto", "trainer.max_steps=20", *folder_args)
+            secs[kind].append(time_to_step(run, args, 2, log))
+            phases[kind].append(phases_of(log))
+            shutil.rmtree(run, ignore_errors=True)
+    data = {k: median([p["data"] for p in v]) for k, v in phases.items()}
+    say(f"  folder resume: data phase {data['cached']:.3f}s with the probes kept, {data['probed']:.3f}s probing")
+    entry = {
+        "ours_s": median(secs["cached"]),
+        "baseline_s": median(secs["probed"]),
+        "ours_samples_s": secs["cached"],
+        "baseline_samples_s": secs["probed"],
+        "ours": "magvit64 resume on the folder, data_probes.json kept: Popen -> first new step",
+        "baseline": "the same with data_probes.json removed (every video probed again)",
+        "data_phase_median_s": data,
+        "phases_median_s": {k: {n: median([p[n] for p in v]) for n in v[0]} for k, v in phases.items()},
+        "phases_samples_s": phases,
+    }
+    return Result(entry)

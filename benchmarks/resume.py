@@ -57,10 +57,10 @@ def time_to_step(run_dir: Path, args: list[str], want_step: int, log: Path, time
         proc.wait()
 
 
-def run_base(base: Path, steps: int) -> Path:
+def run_base(base: Path, steps: int, *overrides: str) -> Path:
     """A run of ``steps`` steps in ``base`` (its final checkpoint committed): that checkpoint's folder."""
     proc = subprocess.run(
-        train_args(base, f"trainer.max_steps={steps}"),
+        train_args(base, f"trainer.max_steps={steps}", *overrides),
         capture_output=True,
         text=True,
         env=train_env(),

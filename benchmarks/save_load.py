@@ -5,7 +5,8 @@ save_vs_raw_fsync        CheckpointManager.save (sync) / the same encoded bytes 
 save_vs_torch_save       ... / torch.save(state, one_file) (no fsync: not durable)
 save_vs_magvit2_trainer  ... / magvit2_pytorch VideoTokenizerTrainer.save() on the same model
 load_vs_raw_read         load_checkpoint (manifest, sizes, hashes, safe parse) / reading the same
-load_vs_raw_read_cold    files into memory: from the page cache, and each file evicted from it first
+load_vs_raw_read_cold    files into memory: from the page cache, and each file evicted from it first;
+                         beside the first, its floor: the same reads, each file also hashed (XXH3-128)
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import xxhash
 
 from benchmarks.jobs import TENSOR_GROUPS
 from benchmarks.report import Result
@@ -127,10 +129,17 @@ def _time_loads(state: dict[str, Any], mgr: CheckpointManager, reps: int):
         for n in names:
             (ckpt / n).read_bytes()
 
+    def read_hash():  # the floor of a verified load: every byte read and hashed once (XXH3 holds the GIL)
+        for n in names:
+            xxhash.xxh3_128((ckpt / n).read_bytes()).hexdigest()
+
     load()
     read()
-    tl = interleaved({"load": load, "read": read}, reps * 2)
-    say(f"  load done: ours {median(tl['load']):.3f}s raw {median(tl['read']):.3f}s (page cache)")
+    tl = interleaved({"load": load, "read": read, "read_hash": read_hash}, reps * 2)
+    say(
+        f"  load done: ours {median(tl['load']):.3f}s raw {median(tl['read']):.3f}s read and hash "
+        f"{median(tl['read_hash']):.3f}s (page cache)"
+    )
 
     def evict(name: str) -> None:  # the next reader must go to the disk
         for n in names:
@@ -195,6 +204,10 @@ def bench_save_load(trainer, work: Path, reps: int) -> dict[str, Result]:
             tl["read"],
             load_bytes,
             load_bytes,
+            floor_s=median(tl["read_hash"]),
+            floor="read_bytes() and XXH3-128 of each file, one after the other: what verifying costs at least",
+            floor_ratio=median([h / r for h, r in zip(tl["read_hash"], tl["read"])]),
+            floor_samples_s=tl["read_hash"],
         ),
         "load_vs_raw_read_cold": _entry(
             "load_checkpoint, each file evicted from the page cache first (posix_fadvise DONTNEED)",

@@ -40,6 +40,7 @@ RATIOS = {
     "save_every_step_vs_never_magvit64",
     "folder_vs_synthetic_tiny",
     "folder_vs_synthetic_magvit64",
+    "folder_resume_cached_vs_probed",
     "ranks2_vs_1_steps_per_s",
     "ranks2_vs_1_save_s",
     "upload_vs_raw_put",
