@@ -101,7 +101,8 @@ def bench_goodput(work: Path, quick: bool) -> dict[str, Result]:
         f"chaos {trial['chaos']['secs']}s), steps {good['steps']:.3f}, {len(trial['events'])} events"
     )
     for kind, c in report["by_kind"].items():
-        say(f"    {kind}: {c['count']}x, fault -> first new step {c['to_new_step_secs']}s, {c['redone']} steps redone")
+        secs = "-" if c["to_new_step_secs"] is None else f"{c['to_new_step_secs']}s"
+        say(f"    {kind}: {c['count']}x, fault -> first new step {secs}, {c['redone']} steps redone")
     entry: dict[str, Any] = {
         "ours_s": trial["chaos"]["secs"],
         "baseline_s": trial["reference"]["secs"],
