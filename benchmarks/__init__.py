@@ -11,7 +11,9 @@ job's (``Trainer.state_dict()`` after one optimizer step, so AdamW moments exist
   save_vs_torch_save       ... / torch.save(state, one_file) (no fsync: not durable)
   save_vs_magvit2_trainer  ... / magvit2_pytorch VideoTokenizerTrainer.save() on the same model
   load_vs_raw_read         load_checkpoint (manifest, sizes, hashes, safe parse) / reading the
-                           same files into memory
+                           same files into memory; beside it the same reads hashed, and safetensors'
+                           own load_file
+  load_vs_torch_load       ... / torch.load of the same state saved with torch.save (no verification)
   loop_vs_bare_tiny        steps/s of Trainer.fit (no checkpoints, no eval inside the window) /
   loop_vs_bare_magvit64    steps/s of a bare loop over the same model, data and optimizers
   async_stall_vs_sync      time Trainer.save_checkpoint blocks the loop with async_save / without;

@@ -24,6 +24,7 @@ TARGETS = {
     "save_vs_magvit2_trainer": ("<=", 1.0),
     "load_vs_raw_read": ("<=", 1.5),
     "load_vs_raw_read_cold": ("<=", 1.5),
+    "load_vs_torch_load": ("<=", 1.0),
     "loop_vs_bare": (">=", 0.97),
     "loop_vs_bare_tiny": (">=", 0.97),
     "loop_vs_bare_magvit64": (">=", 0.97),

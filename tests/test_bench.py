@@ -27,6 +27,7 @@ RATIOS = {
     "save_vs_magvit2_trainer",
     "load_vs_raw_read",
     "load_vs_raw_read_cold",
+    "load_vs_torch_load",
     "loop_vs_bare",
     "loop_vs_bare_tiny",
     "loop_vs_bare_magvit64",
