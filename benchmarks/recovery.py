@@ -18,15 +18,13 @@ import json
 import shutil
 import subprocess
 import sys
-import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from benchmarks.jobs import train_env
+from benchmarks.jobs import run_until, train_env
 from benchmarks.report import Result
 from benchmarks.timing import median, say
-from resilient_train.monitor import read_history
 
 
 def _stamp(line: str) -> float:
@@ -39,27 +37,14 @@ def time_rollback(base: Path, run: Path, args: list[str], fault_step: int, log: 
     rollback, kill the process. ``fault_to_new_step_s``: from the fault to the redone step's history record;
     ``rollback_s``: the rollback's own ``secs=`` (read, verify, restore)."""
     shutil.copytree(base, run)
+
+    def found(hist: list[dict]) -> list[dict]:
+        back = [i for i, r in enumerate(hist) if r.get("kind") == "rollback"]
+        after = hist[back[0] :] if back else []
+        return [r for r in after if r.get("kind") == "train" and r["step"] == fault_step]
+
     cmd = [*args, "chaos.enabled=true", f"chaos.nan_steps=[{fault_step}]"]
-    t0 = time.time()
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=train_env())
-    try:
-        while True:
-            hist = read_history(run)
-            back = [i for i, r in enumerate(hist) if r.get("kind") == "rollback"]
-            after = hist[back[0] :] if back else []
-            redone = [r for r in after if r.get("kind") == "train" and r["step"] == fault_step]
-            if redone:
-                break
-            if proc.poll() is not None:
-                raise RuntimeError(f"the trainer exited {proc.returncode}:\n{log.read_text()[-3000:]}")
-            if time.time() - t0 > timeout:
-                raise RuntimeError(f"no rollback and step {fault_step} within {timeout}s:\n{log.read_text()[-3000:]}")
-            time.sleep(0.05)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
+    redone, _ = run_until(run, cmd, found, log, f"rollback and step {fault_step} again", timeout)
     lines = log.read_text().splitlines()
     (fault,) = [x for x in lines if " chaos.nan " in x]
     (done,) = [x for x in lines if " rollback.done " in x]

@@ -17,11 +17,10 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.jobs import TRAIN_CMD, train_env
+from benchmarks.jobs import TRAIN_CMD, run_until, train_env
 from benchmarks.recovery import rollback_result, time_rollback
 from benchmarks.report import Result
 from benchmarks.timing import median, say, within_budget
-from resilient_train.monitor import read_history
 
 RESUME_EXPERIMENT = "magvit64"  # the state people resume (65.5 MB); tiny's 0.5 MB would hide the read
 
@@ -38,23 +37,12 @@ def train_args(run_dir: Path, *overrides: str) -> list[str]:
 
 def time_to_step(run_dir: Path, args: list[str], want_step: int, log: Path, timeout: float = 300) -> float:
     """Seconds from Popen to the history record of ``want_step`` (its own timestamp); then kill the process."""
-    t0 = time.time()
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=train_env())
-    try:
-        while True:
-            hit = [r for r in read_history(run_dir) if r.get("kind") == "train" and r.get("step", 0) >= want_step]
-            if hit:
-                return hit[0]["time"] - t0
-            if proc.poll() is not None:
-                raise RuntimeError(f"the trainer exited {proc.returncode}:\n{log.read_text()[-3000:]}")
-            if time.time() - t0 > timeout:
-                raise RuntimeError(f"no step {want_step} within {timeout}s:\n{log.read_text()[-3000:]}")
-            time.sleep(0.05)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
+
+    def found(hist: list[dict]) -> list[dict]:
+        return [r for r in hist if r.get("kind") == "train" and r.get("step", 0) >= want_step]
+
+    hit, t0 = run_until(run_dir, args, found, log, f"step {want_step}", timeout)
+    return hit[0]["time"] - t0
 
 
 def run_base(base: Path, steps: int, *overrides: str) -> Path:
