@@ -2,8 +2,9 @@
 
 Saving: :func:`iter_files` turns a state into the files to write (:mod:`.tree` splits it,
 :mod:`.safetensors_io` lays out each safetensors file without copying), and :class:`FileWriter`
-writes, hashes and fsyncs them concurrently (``os.writev``, ``os.fsync``, ``readinto`` and the
-hash, :mod:`.hashing`, all release the GIL); the manager then writes the manifest (:mod:`.manifest`).
+writes, hashes and fsyncs them concurrently (``os.writev``, ``os.fsync`` and ``readinto`` release
+the GIL; the XXH3 hash, :mod:`.hashing`, does not, but takes little of it); the manager then writes
+the manifest (:mod:`.manifest`).
 
 Loading: :func:`load_checkpoint` reads every file the manifest lists once, a few at a time,
 checking its size and hash as it reads, then decodes the state; :func:`verify_files` does the
@@ -128,7 +129,7 @@ def _hash_pieces(pieces: list[Any]) -> str:
     """The manifest's ``"hash"`` value of the file made of ``pieces``."""
     digest = hashing.new()
     for piece in pieces:
-        digest.update(piece)  # releases the GIL for all but tiny pieces
+        digest.update(piece)  # XXH3 holds the GIL while it runs (see .hashing); the writes beside it do not
     return hashing.entry_value(hashing.ALGORITHM, digest.hexdigest())
 
 
