@@ -57,8 +57,9 @@ TARGETS = {
 
 @dataclass
 class Result:
-    """One measurement: ``entry`` is what the JSON holds under its name; ``ratio`` is its ratio where
-    that is not ``entry["ours_s"] / entry["baseline_s"]`` (steps/s ratios, medians of pair ratios)."""
+    """One measurement: ``entry`` is what the JSON holds under its name. Its ratio is the median of the entry's
+    pairs (:mod:`benchmarks.verdict`: ``pair_ratios``, else the paired samples); ``ratio`` stands in only for an
+    entry without pairs, where that is not ``entry["ours_s"] / entry["baseline_s"]`` (precision's steps/s)."""
 
     entry: dict[str, Any]
     ratio: float | None = None
@@ -117,7 +118,7 @@ def build_report(
     ratios = {}
     for k in TARGETS:
         if k in results:  # the verdict: the median of the pairs' ratios (see benchmarks.verdict)
-            judged = judge(results[k].entry, ratio_of(results[k]))
+            judged = judge(results[k].entry, lambda r=results[k]: ratio_of(r))
             ratios[k] = judged.pop("ratio")
             measurements[k].update(judged)
     loops = [k for k in ("loop_vs_bare_tiny", "loop_vs_bare_magvit64") if k in ratios]

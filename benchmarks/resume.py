@@ -115,7 +115,7 @@ def bench_resume(work: Path, reps: int, budget_s: float, base_steps: int = 1) ->
     ckpt = run_base(base, base_steps)
     floors = {"floor": floor_command(), "floor_step": floor_step_command()}
     kinds = ("fresh", "resume", "floor", "floor_step", "rollback")
-    t: dict[str, list[float]] = {k: [] for k in kinds}
+    t: dict[str, list[float]] = {k: [] for k in kinds if k != "rollback"}
     load_s, reads, phases, rollbacks = [], [], [], []
     for r in within_budget(reps, budget_s, "resume"):
         for kind in kinds[r % len(kinds) :] + kinds[: r % len(kinds)]:

@@ -10,6 +10,7 @@ Fewer pairs (``--quick``, or a time budget cut short) give a value, never a verd
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable
 from typing import Any
 
 __all__ = ["MIN_PAIRS", "pair_ratios", "judge", "verdict"]
@@ -28,11 +29,11 @@ def pair_ratios(entry: dict[str, Any]) -> list[float]:
     return []
 
 
-def judge(entry: dict[str, Any], fallback: float) -> dict[str, Any]:
-    """``ratio`` (the median of the pairs, or ``fallback`` when there are none), ``pairs``, ``spread`` [min, max]."""
+def judge(entry: dict[str, Any], fallback: Callable[[], float]) -> dict[str, Any]:
+    """``ratio`` (the median of the pairs, or ``fallback()`` when there are none), ``pairs``, ``spread`` [min, max]."""
     ratios = pair_ratios(entry)
     if not ratios:
-        return {"ratio": fallback, "pairs": 0, "spread": None}
+        return {"ratio": fallback(), "pairs": 0, "spread": None}
     return {"ratio": statistics.median(ratios), "pairs": len(ratios), "spread": [min(ratios), max(ratios)]}
 
 
